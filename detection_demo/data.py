@@ -1,0 +1,487 @@
+"""COCO-format detection data for the demo: dataset, transforms, batching and COCO evaluation.
+
+- `CocoDetectionDataset` reads a COCO instances file with pycocotools and yields `(image, target)` pairs in the
+  form torchvision's detectors and `torchvision.transforms.v2` expect: a `tv_tensors.Image` (uint8 before the
+  transforms) and a dict with `boxes` (`tv_tensors.BoundingBoxes`, XYXY, absolute pixels), `labels` (int64,
+  contiguous 1..K; 0 is the detectors' background) and `image_id` (int). The annotation file is validated first:
+  a malformed one raises `ValueError` naming the file and the entry at fault. Crowd and degenerate boxes are left
+  out of the training targets and counted (`summary()`); images without objects are kept as negatives.
+- `make_train_transforms` / `make_eval_transforms`: the SSD augmentation recipe of torchvision's detection
+  references (photometric distortion, zoom out, IoU crop, horizontal flip) plus a resize to a fixed square.
+- `collate_fn` batches `(image, target)` pairs as lists, as the detectors take them.
+- `detections_to_coco` and `evaluate_coco`: detector outputs to COCO results, and pycocotools' COCOeval (bbox) with
+  the 12 standard numbers named and AP per category.
+
+Why not `torchvision.datasets.CocoDetection` + `wrap_dataset_for_transforms_v2`: the wrapper returns raw COCO
+category ids as labels, keeps crowd boxes, and returns a target without `boxes` for an image without objects,
+which the detectors and `SanitizeBoundingBoxes` cannot take. Fixing those after the wrapper would need a second
+pass over the same annotations, so this module indexes the file with pycocotools directly and builds the same
+tv_tensors the wrapper would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+__all__ = [
+    "COCO_STAT_NAMES",
+    "CocoDetectionDataset",
+    "DatasetSummary",
+    "collate_fn",
+    "detections_to_coco",
+    "evaluate_coco",
+    "load_coco_annotations",
+    "make_eval_transforms",
+    "make_train_transforms",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Names of the 12 numbers `COCOeval.summarize()` prints for bbox, in its order.
+COCO_STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
+                                    "ARl")
+
+Target = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading and validating annotation files
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_entries(path: Path, data: dict[str, Any], section: str, required: dict[str, Callable[[Any], bool]]) -> None:
+    entries = data[section]
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: '{section}' must be a list, got {type(entries).__name__}")
+    seen: set[int] = set()
+    for index, entry in enumerate(entries):
+        where = f"{path}: {section}[{index}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be an object, got {type(entry).__name__}")
+        if "id" in entry:
+            where += f" (id={entry['id']!r})"
+        for key, check in required.items():
+            if key not in entry:
+                raise ValueError(f"{where}: missing key '{key}'")
+            if not check(entry[key]):
+                raise ValueError(f"{where}: invalid '{key}': {entry[key]!r}")
+        # pycocotools' COCOeval records a match as the matched annotation id, so id 0 reads as "no match".
+        if entry["id"] < 1:
+            raise ValueError(f"{where}: ids must be >= 1 (pycocotools reads id 0 as 'no match')")
+        if entry["id"] in seen:
+            raise ValueError(f"{where}: duplicate id {entry['id']}")
+        seen.add(entry["id"])
+
+
+def load_coco_annotations(annotation_file: str | Path) -> COCO:
+    """Read and validate a COCO instances file; return the pycocotools index of it.
+
+    Checks what pycocotools and COCOeval rely on and would otherwise fail on later, or silently get wrong:
+    the three sections are lists; every image has an int `id`, a `file_name` and positive `width`/`height`;
+    every category an int `id` and a `name`; every annotation an int `id`, a known `image_id` and `category_id`,
+    a `bbox` of 4 finite numbers; ids are unique and >= 1. A missing `area` is set to the box area and a missing
+    `iscrowd` to 0 (both are optional in hand-made files but COCOeval reads them).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not JSON or an entry is malformed; the message names the file and the entry
+            (section, index and id).
+    """
+    path = Path(annotation_file)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with images, annotations and categories")
+    for section in ("images", "annotations", "categories"):
+        if section not in data:
+            raise ValueError(f"{path}: missing top-level key '{section}'")
+
+    positive_int = lambda v: _is_int(v) and v > 0  # noqa: E731
+    _check_entries(path, data, "images", {"id": _is_int, "file_name": lambda v: isinstance(v, str) and v != "",
+                                          "width": positive_int, "height": positive_int})
+    _check_entries(path, data, "categories", {"id": _is_int, "name": lambda v: isinstance(v, str) and v != ""})
+    image_ids = {image["id"] for image in data["images"]}
+    category_ids = {category["id"] for category in data["categories"]}
+    _check_entries(
+        path,
+        data,
+        "annotations",
+        {
+            "id": _is_int,
+            "image_id": _is_int,
+            "category_id": _is_int,
+            "bbox": lambda v: isinstance(v, (list, tuple)) and len(v) == 4 and all(_is_number(x) for x in v),
+        },
+    )
+    for index, annotation in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{index}] (id={annotation['id']})"
+        if annotation["image_id"] not in image_ids:
+            raise ValueError(f"{where}: unknown image_id {annotation['image_id']}")
+        if annotation["category_id"] not in category_ids:
+            raise ValueError(f"{where}: unknown category_id {annotation['category_id']}")
+        if "iscrowd" not in annotation:
+            annotation["iscrowd"] = 0
+        elif annotation["iscrowd"] not in (0, 1):
+            raise ValueError(f"{where}: iscrowd must be 0 or 1, got {annotation['iscrowd']!r}")
+        if "area" not in annotation:
+            annotation["area"] = float(annotation["bbox"][2] * annotation["bbox"][3])
+        elif not _is_number(annotation["area"]):
+            raise ValueError(f"{where}: invalid 'area': {annotation['area']!r}")
+    return _coco_from_dict(data)
+
+
+def _coco_from_dict(data: dict[str, Any]) -> COCO:
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What `CocoDetectionDataset` kept and dropped from its annotation file."""
+
+    images: int
+    negative_images: int  # images without any box left for training (kept as negatives)
+    annotations: int  # in the file
+    boxes: int  # kept as training targets
+    crowd_dropped: int
+    degenerate_dropped: int  # w or h <= min_box_size after clipping to the image, or outside it
+    clipped: int  # kept boxes that reached outside the image and were clipped to it
+    categories: int
+
+
+class CocoDetectionDataset(Dataset):
+    """A COCO instances file and its image folder as `(image, target)` pairs for torchvision detectors.
+
+    `image` is a `tv_tensors.Image` of shape (3, H, W), uint8 before `transforms`. `target` holds `boxes`
+    (`tv_tensors.BoundingBoxes`, XYXY, absolute pixels, shape (N, 4), N may be 0), `labels` (int64, shape (N,),
+    contiguous 1..K in the order of the category ids; 0 is background) and `image_id` (int, the COCO id).
+
+    Training targets leave out crowd annotations (`iscrowd=1`) and degenerate boxes (after clipping to the
+    image, width or height <= `min_box_size` px; a box wholly outside the image is one); boxes reaching outside
+    the image are clipped. `coco` keeps the file unchanged (crowd regions included): evaluate against it, as
+    COCOeval handles crowd regions itself.
+
+    Args:
+        image_dir: folder holding the images named by `file_name`.
+        annotation_file: COCO instances JSON; validated by `load_coco_annotations`.
+        transforms: called as `transforms(image, target)`, e.g. `make_train_transforms()`.
+        min_box_size: boxes whose clipped width or height is not above this (px) are dropped.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        annotation_file: str | Path,
+        transforms: Callable[[Any, Target], tuple[Any, Target]] | None = None,
+        *,
+        min_box_size: float = 1.0,
+    ) -> None:
+        self.image_dir = Path(image_dir)
+        self.annotation_file = Path(annotation_file)
+        self.transforms = transforms
+        self.coco = load_coco_annotations(self.annotation_file)
+        self.ids: list[int] = sorted(self.coco.imgs)
+        cat_ids = sorted(self.coco.cats)
+        self.cat_id_to_label: dict[int, int] = {cat_id: label for label, cat_id in enumerate(cat_ids, start=1)}
+        self.label_to_cat_id: dict[int, int] = {label: cat_id for cat_id, label in self.cat_id_to_label.items()}
+        #: Category names by label; index 0 is "__background__".
+        self.categories: list[str] = ["__background__"] + [self.coco.cats[c]["name"] for c in cat_ids]
+
+        crowd = degenerate = clipped = 0
+        self._boxes: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        for image_id in self.ids:
+            info = self.coco.imgs[image_id]
+            width, height = info["width"], info["height"]
+            boxes, labels = [], []
+            for annotation in self.coco.imgToAnns.get(image_id, []):
+                if annotation["iscrowd"]:
+                    crowd += 1
+                    continue
+                x, y, w, h = annotation["bbox"]
+                box = [min(max(x, 0.0), width), min(max(y, 0.0), height),
+                       min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
+                if box[2] - box[0] <= min_box_size or box[3] - box[1] <= min_box_size:
+                    degenerate += 1
+                    continue
+                clipped += box != [x, y, x + w, y + h]
+                boxes.append(box)
+                labels.append(self.cat_id_to_label[annotation["category_id"]])
+            self._boxes.append(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
+            self._labels.append(np.asarray(labels, dtype=np.int64))
+
+        self._summary = DatasetSummary(
+            images=len(self.ids),
+            negative_images=sum(len(labels) == 0 for labels in self._labels),
+            annotations=len(self.coco.anns),
+            boxes=sum(len(labels) for labels in self._labels),
+            crowd_dropped=crowd,
+            degenerate_dropped=degenerate,
+            clipped=clipped,
+            categories=len(cat_ids),
+        )
+        s = self._summary
+        logger.info(
+            "%s: %d images (%d without objects), %d categories, %d of %d annotations kept; dropped %d crowd and "
+            "%d degenerate, clipped %d",
+            self.annotation_file, s.images, s.negative_images, s.categories, s.boxes, s.annotations, s.crowd_dropped,
+            s.degenerate_dropped, s.clipped,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of detector classes, background included (K + 1)."""
+        return len(self.categories)
+
+    def summary(self) -> dict[str, int]:
+        """Counts of images, kept boxes and dropped annotations (see `DatasetSummary`)."""
+        return asdict(self._summary)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_image(self, index: int) -> tv_tensors.Image:
+        """The image at `index`, uint8 (3, H, W), RGB; its size is checked against the annotation file."""
+        info = self.coco.imgs[self.ids[index]]
+        path = self.image_dir / info["file_name"]
+        image = tv_tensors.Image(decode_image(str(path), mode=ImageReadMode.RGB))
+        if tuple(image.shape[-2:]) != (info["height"], info["width"]):
+            raise ValueError(
+                f"{path}: image is {image.shape[-1]}x{image.shape[-2]} (WxH) but {self.annotation_file} says "
+                f"{info['width']}x{info['height']} for image id {info['id']}"
+            )
+        return image
+
+    def __getitem__(self, index: int) -> tuple[Any, Target]:
+        image = self.load_image(index)
+        target: Target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.from_numpy(self._boxes[index]),
+                format=tv_tensors.BoundingBoxFormat.XYXY,
+                canvas_size=tuple(image.shape[-2:]),
+            ),
+            "labels": torch.from_numpy(self._labels[index]),
+            "image_id": self.ids[index],
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def load_split(root: str | Path, split: str, transforms: Callable[[Any, Target], tuple[Any, Target]] | None = None,
+               **kwargs: Any) -> CocoDetectionDataset:
+    """The `split` ("train" or "val") of a dataset laid out as `synthetic.generate_dataset` writes it.
+
+    `root/<split>/` holds the images and `root/annotations/instances_<split>.json` the annotations, as in COCO.
+    """
+    root = Path(root)
+    return CocoDetectionDataset(root / split, root / "annotations" / f"instances_{split}.json", transforms, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transforms and batching
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_train_transforms(
+    size: int = 320,
+    *,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    zoom_out: float = 4.0,
+    hflip_prob: float = 0.5,
+) -> v2.Compose:
+    """SSD training augmentation (torchvision's detection references, "ssd" preset) and a square resize.
+
+    Photometric distortion, zoom out (canvas up to `zoom_out` times larger, filled with `mean`), IoU crop,
+    horizontal flip, resize to `size` x `size` (the aspect ratio is not kept, as SSD does), drop boxes that
+    became degenerate, uint8 -> float32 in [0, 1]. Takes and returns `(image, target)`.
+
+    An image without boxes is never cropped: `RandomIoUCrop` only crops around boxes and falls back to its
+    "keep the image" option.
+
+    Args:
+        size: output height and width in pixels.
+        mean: per-channel fill of the zoom-out canvas in [0, 1]; the model's normalisation mean (0.5 for Google's
+            MobileNet weights, which is 0 after normalisation).
+        zoom_out: largest zoom-out factor (>= 1; 1 disables zoom out).
+        hflip_prob: probability of a horizontal flip.
+    """
+    if not _is_int(size) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if len(mean) != 3 or not all(0.0 <= m <= 1.0 for m in mean):
+        raise ValueError(f"mean must be 3 values in [0, 1], got {mean!r}")
+    if not zoom_out >= 1.0:
+        raise ValueError(f"zoom_out must be >= 1, got {zoom_out!r}")
+    if not 0.0 <= hflip_prob <= 1.0:
+        raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob!r}")
+    fill = [round(255 * m) for m in mean]  # the image is still uint8 when zoomed out
+    steps: list[v2.Transform] = [v2.ToImage(), v2.RandomPhotometricDistort(p=0.5)]
+    if zoom_out > 1.0:
+        steps.append(v2.RandomZoomOut(fill={tv_tensors.Image: fill, "others": 0}, side_range=(1.0, zoom_out)))
+    steps += [
+        v2.RandomIoUCrop(),
+        v2.RandomHorizontalFlip(p=hflip_prob),
+        v2.Resize((size, size), antialias=True),
+        v2.ClampBoundingBoxes(),
+        # Removes the boxes RandomIoUCrop marked as outside the crop and those the resize shrank below 1 px.
+        v2.SanitizeBoundingBoxes(),
+        v2.ToDtype(torch.float32, scale=True),
+    ]
+    return v2.Compose(steps)
+
+
+def make_eval_transforms() -> v2.Compose:
+    """Evaluation transform: the original image as float32 in [0, 1], boxes unchanged.
+
+    The image keeps its size on purpose: torchvision's detectors resize internally (SSD to its fixed size) and map
+    the predicted boxes back to the input size, so predictions come out in the original image's pixels, which is
+    what `evaluate_coco` compares with the annotation file.
+    """
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def collate_fn(batch: Sequence[tuple[Any, Target]]) -> tuple[list[Any], list[Target]]:
+    """Batch `(image, target)` pairs as `(images, targets)` lists, the input torchvision's detectors take.
+
+    Images may differ in size, so they are not stacked.
+    """
+    images = [image for image, _ in batch]
+    targets = [target for _, target in batch]
+    return images, targets
+
+
+# --------------------------------------------------------------------------------------------------------------
+# COCO evaluation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def detections_to_coco(
+    outputs: Sequence[Mapping[str, torch.Tensor]],
+    image_ids: Sequence[int],
+    label_to_cat_id: Mapping[int, int],
+) -> list[dict[str, Any]]:
+    """torchvision detector outputs as COCO result dicts.
+
+    Args:
+        outputs: one dict per image with `boxes` (N, 4) XYXY in the image's pixels, `scores` (N,) and
+            `labels` (N,) contiguous labels, as torchvision's detectors return in eval mode.
+        image_ids: the COCO image id of each output (e.g. `target["image_id"]`).
+        label_to_cat_id: contiguous label -> COCO category id (`CocoDetectionDataset.label_to_cat_id`).
+
+    Returns:
+        `{"image_id", "category_id", "bbox": [x, y, w, h], "score"}` per detection, for `evaluate_coco`.
+    """
+    if len(outputs) != len(image_ids):
+        raise ValueError(f"got {len(outputs)} outputs but {len(image_ids)} image ids")
+    results: list[dict[str, Any]] = []
+    for output, image_id in zip(outputs, image_ids):
+        boxes = output["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4)
+        scores = output["scores"].detach().to("cpu", torch.float64).reshape(-1).tolist()
+        labels = output["labels"].detach().to("cpu").reshape(-1).tolist()
+        if not len(scores) == len(labels) == len(boxes):
+            raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        for box, score, label in zip(xywh, scores, labels):
+            if label not in label_to_cat_id:
+                raise ValueError(f"image {image_id}: label {label} is not in label_to_cat_id "
+                                 f"(labels {sorted(label_to_cat_id)})")
+            results.append({"image_id": int(image_id), "category_id": label_to_cat_id[label], "bbox": box,
+                            "score": score})
+    return results
+
+
+def evaluate_coco(
+    coco_gt: COCO,
+    detections: Sequence[Mapping[str, Any]],
+    *,
+    image_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """COCO bbox evaluation of `detections` (COCO result dicts) against `coco_gt` with pycocotools' COCOeval.
+
+    Args:
+        coco_gt: the ground truth, e.g. `CocoDetectionDataset.coco`.
+        detections: `{"image_id", "category_id", "bbox": [x, y, w, h], "score"}` dicts (`detections_to_coco`).
+        image_ids: evaluate these images only (e.g. when only part of a split was run); default all of `coco_gt`.
+
+    Returns:
+        The 12 numbers of `COCOeval.summarize()` under `COCO_STAT_NAMES` (AP, AP50, ..., ARl) as floats, and
+        `per_category`: `{name: {"AP": AP@[.5:.95], "AP50": AP@.5}}` (area "all", 100 detections). As in
+        pycocotools, a value is -1.0 where there is no ground truth to measure it (e.g. APs without small
+        objects). With no detections every measurable value is 0.0.
+    """
+    gt_image_ids = set(coco_gt.getImgIds())
+    gt_cat_ids = set(coco_gt.getCatIds())
+    results = []
+    for index, detection in enumerate(detections):
+        if detection.get("image_id") not in gt_image_ids:
+            raise ValueError(f"detections[{index}]: image_id {detection.get('image_id')!r} is not in the ground truth")
+        if detection.get("category_id") not in gt_cat_ids:
+            raise ValueError(
+                f"detections[{index}]: category_id {detection.get('category_id')!r} is not in the ground truth"
+            )
+        results.append(dict(detection))  # loadRes adds keys to the dicts it gets
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # pycocotools prints its progress and the summary table
+        if results:
+            coco_dt = coco_gt.loadRes(results)
+        else:  # loadRes cannot take an empty list; an empty result set evaluates to zeros
+            coco_dt = _coco_from_dict({"images": list(coco_gt.dataset["images"]), "annotations": [],
+                                       "categories": list(coco_gt.dataset["categories"])})
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    logger.info("COCO bbox evaluation of %d detections:\n%s", len(results), log.getvalue().rstrip())
+
+    metrics: dict[str, Any] = {name: float(value) for name, value in zip(COCO_STAT_NAMES, evaluator.stats)}
+    # precision: [IoU thresholds, recall thresholds, categories, area ranges, max detections]; -1 = no ground truth.
+    precision = evaluator.eval["precision"]
+    per_category: dict[str, dict[str, float]] = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        name = coco_gt.cats[cat_id]["name"]
+        all_iou = precision[:, :, k, 0, -1]
+        at_50 = precision[0, :, k, 0, -1]  # iouThrs[0] == 0.5
+        per_category[name] = {
+            "AP": float(all_iou[all_iou > -1].mean()) if (all_iou > -1).any() else -1.0,
+            "AP50": float(at_50[at_50 > -1].mean()) if (at_50 > -1).any() else -1.0,
+        }
+    metrics["per_category"] = per_category
+    return metrics

@@ -1,0 +1,25 @@
+"""mnv1_backbone: MobileNetV1 for PyTorch.
+
+A detection-ready backbone with declared feature metadata, output stride by dilation and freezing;
+a classifier weight-compatible with Hugging Face's MobileNetV1; and readers for Google's TF weights.
+"""
+
+from .backbone import FeatureInfo, MobileNetV1Backbone
+from .classification import ClassifierOutput, MobileNetV1ForImageClassification, MobileNetV1Model, ModelOutput
+from .config import MobileNetV1Config
+from .errors import StateDictMismatchError, WeightsFormatError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassifierOutput",
+    "FeatureInfo",
+    "MobileNetV1Backbone",
+    "MobileNetV1Config",
+    "MobileNetV1ForImageClassification",
+    "MobileNetV1Model",
+    "ModelOutput",
+    "StateDictMismatchError",
+    "WeightsFormatError",
+    "__version__",
+]

@@ -1,0 +1,170 @@
+"""The conv-norm-activation unit, TF "SAME" padding and the trunk builder, in one place.
+
+TF "SAME" padding (DESIGN.md §2): per spatial dim with input n, stride s and effective kernel
+k_eff = (k - 1) * d + 1, the total padding is max((ceil(n / s) - 1) * s + k_eff - n, 0), split with the
+extra pixel after (bottom/right). For stride 1 and an odd kernel that is the symmetric padding
+PyTorch's `Conv2d(padding=...)` does, so only strided convs pad explicitly, and they do it with
+branch-free integer arithmetic on the input size, which `torch.fx`, TorchScript and `torch.export`
+all follow (Hugging Face's version uses Python `if`/`max` on sizes, which fx cannot trace).
+Module names (`convolution`, `normalization`, `activation`, `conv_stem`, `layer`) mirror Hugging
+Face's so state-dict keys are identical without renaming code.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .config import LayerPlan
+
+__all__ = ["ConvNormActivation", "build_trunk", "make_activation", "tf_same_padding"]
+
+
+def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """(before, after) padding of TF's "SAME" for one spatial dim of `size` pixels.
+
+    Works on ints, fx proxies and symbolic sizes alike, because it has no branch: when the effective
+    kernel is at least the stride (true for every layer of MobileNetV1) the `max(..., 0)` of TF's
+    formula never clips, so it is left out.
+    """
+    effective = (kernel - 1) * dilation + 1
+    total = ((size + stride - 1) // stride - 1) * stride + effective - size
+    before = total // 2
+    return before, total - before
+
+
+def make_activation(name: str) -> nn.Module:
+    """The activation module for a Hugging Face `hidden_act` name."""
+    activations = {
+        "relu6": lambda: nn.ReLU6(inplace=True),
+        "relu": lambda: nn.ReLU(inplace=True),
+        "silu": nn.SiLU,
+        "swish": nn.SiLU,
+        "gelu": nn.GELU,
+        "hardswish": nn.Hardswish,
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+    }
+    if name not in activations:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(activations)}")
+    return activations[name]()
+
+
+class ConvNormActivation(nn.Module):
+    """Conv2d (no bias) -> BatchNorm2d -> activation, with TF "SAME" or symmetric padding.
+
+    Args:
+        in_channels, out_channels: channel counts; `groups=in_channels` makes it depthwise.
+        kernel_size, stride, dilation: of the convolution.
+        tf_padding: TF "SAME" padding (needed by Google's weights) instead of symmetric padding.
+            They differ only for strided convs on inputs whose size the stride divides.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        tf_padding: bool = True,
+        eps: float = 1e-3,
+        momentum: float = 1.0 - 0.9997,
+        activation: str = "relu6",
+    ) -> None:
+        super().__init__()
+        effective = (kernel_size - 1) * dilation + 1
+        # A stride-1 conv pads the same under both rules; only strided ones need padding at run time.
+        self.pad_at_runtime = tf_padding and stride > 1
+        if self.pad_at_runtime and effective < stride:
+            raise ValueError(f"TF SAME padding needs kernel >= stride, got kernel {effective} and stride {stride}")
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.dilation = dilation
+        self.convolution = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=0 if self.pad_at_runtime else (effective - 1) // 2,
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+        )
+        self.normalization = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+        self.activation = make_activation(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pad_at_runtime:
+            top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride, self.dilation)
+            left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride, self.dilation)
+            x = F.pad(x, [left, right, top, bottom])
+        return self.activation(self.normalization(self.convolution(x)))
+
+
+def build_trunk(
+    plans: list[LayerPlan],
+    *,
+    tf_padding: bool = True,
+    eps: float = 1e-3,
+    momentum: float = 1.0 - 0.9997,
+    activation: str = "relu6",
+) -> tuple[ConvNormActivation, nn.ModuleList]:
+    """Build the stem and the flat list of depthwise/pointwise layers for `plans` (block 0 first).
+
+    Block k >= 1 becomes `layer[2k-2]` (3x3 depthwise, strided or dilated) and `layer[2k-1]`
+    (1x1 pointwise), exactly Hugging Face's layout.
+    """
+    common = {"tf_padding": tf_padding, "eps": eps, "momentum": momentum, "activation": activation}
+    stem_plan = plans[0]
+    stem = ConvNormActivation(stem_plan.in_channels, stem_plan.out_channels, 3, stride=stem_plan.stride, **common)
+    layers = nn.ModuleList()
+    for plan in plans[1:]:
+        layers.append(
+            ConvNormActivation(
+                plan.in_channels,
+                plan.in_channels,
+                3,
+                stride=plan.stride,
+                dilation=plan.dilation,
+                groups=plan.in_channels,
+                **common,
+            )
+        )
+        layers.append(ConvNormActivation(plan.in_channels, plan.out_channels, 1, **common))
+    return stem, layers
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Hugging Face's initialisation: N(0, std) for conv and linear weights, zero biases, unit BN scale."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def check_input(x: Tensor, num_channels: int, min_size: int) -> Tensor:
+    """Raise `ValueError` for anything but a (B, num_channels, H >= min_size, W >= min_size) tensor.
+
+    Modules that call it register it with `torch.fx.wrap`, so a traced model keeps the check as one
+    opaque call instead of failing on `if` over proxies.
+    """
+    if x.dim() != 4:
+        raise ValueError("expected a 4-D (batch, channels, height, width) tensor, got shape " + str(list(x.shape)))
+    if x.shape[1] != num_channels:
+        raise ValueError(
+            "expected " + str(num_channels) + " input channels, got " + str(x.shape[1]) + " (shape "
+            + str(list(x.shape)) + ")"
+        )
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(
+            "input is " + str(x.shape[2]) + "x" + str(x.shape[3]) + " pixels; MobileNetV1 needs at least "
+            + str(min_size) + "x" + str(min_size)
+        )
+    return x

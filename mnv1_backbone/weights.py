@@ -1,0 +1,193 @@
+"""Reading and writing weights: Hugging Face directories, our single-file safetensors, TF frozen graphs.
+
+File IO lives here; the TF name tables are pure functions in `convert/`. Loading is strict: a
+missing, unexpected or wrongly shaped tensor raises `StateDictMismatchError` that lists every one.
+`pytorch_model.bin` is only ever read with `torch.load(weights_only=True)`; safetensors is preferred.
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ._io import atomic_write
+from .config import MobileNetV1Config
+from .errors import StateDictMismatchError, WeightsFormatError
+
+__all__ = [
+    "load_checkpoint",
+    "load_state_dict_file",
+    "load_state_dict_strict",
+    "load_tf",
+    "save_checkpoint",
+    "save_safetensors",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+PYTORCH_NAME = "pytorch_model.bin"
+# Key of the config JSON in the metadata of our single-file safetensors checkpoints.
+_CONFIG_METADATA_KEY = "mnv1_backbone.config"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a `.safetensors` or `.bin` state dict; a corrupt file raises `WeightsFormatError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise WeightsFormatError(f"{path} is not a readable safetensors file: {err}") from None
+    try:
+        # weights_only: never run code from a pickle; a malicious .bin is refused, not executed.
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or hostile pickles
+        raise WeightsFormatError(f"{path} could not be read as a weights-only PyTorch file: {err}") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise WeightsFormatError(f"{path} does not hold a state dict of tensors")
+    return state_dict
+
+
+def _safetensors_config(path: Path) -> MobileNetV1Config | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise WeightsFormatError(f"{path} is not a readable safetensors file: {err}") from None
+    if _CONFIG_METADATA_KEY not in metadata:
+        return None
+    try:
+        return MobileNetV1Config.from_dict(json.loads(metadata[_CONFIG_METADATA_KEY]))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise WeightsFormatError(f"{path}: the config in its metadata is invalid: {err}") from None
+
+
+def _resolve_hub(repo_id: str) -> Path:
+    """Download a Hub repository's config and weights through huggingface_hub (never in tests)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local path, and huggingface_hub is not installed to fetch it from the Hub; "
+            "`pip install huggingface_hub` or pass a local directory"
+        ) from None
+    try:
+        return Path(
+            snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, PYTORCH_NAME, "*.json"])
+        )
+    except Exception as err:  # network, authentication or missing-repo errors from huggingface_hub
+        raise FileNotFoundError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}); "
+            "download it elsewhere and pass the local directory"
+        ) from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[MobileNetV1Config, dict[str, Tensor]]:
+    """(config, state dict) from an HF directory, our `.safetensors` file, or a Hub id."""
+    path = Path(path)
+    if not path.exists():
+        if _HUB_ID.match(str(path)) and not str(path).startswith((".", "/")):
+            path = _resolve_hub(str(path))
+        else:
+            raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise WeightsFormatError(
+                f"{path}: a single weights file must be one of ours (.safetensors with its config); "
+                "for pytorch_model.bin pass its directory with config.json"
+            )
+        config = _safetensors_config(path)
+        if config is None:
+            raise WeightsFormatError(
+                f"{path} has no MobileNetV1 config in its metadata; pass the directory holding it and config.json"
+            )
+        return config, load_state_dict_file(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}")
+    config = MobileNetV1Config.from_json_file(config_file)
+    for name in (SAFETENSORS_NAME, PYTORCH_NAME):
+        if (path / name).is_file():
+            return config, load_state_dict_file(path / name)
+    raise FileNotFoundError(f"{path} has neither {SAFETENSORS_NAME} nor {PYTORCH_NAME}")
+
+
+def load_tf(path: str | os.PathLike) -> tuple[MobileNetV1Config, dict[str, Tensor]]:
+    """(config, HF-keyed state dict) from a TF frozen GraphDef, read without TensorFlow."""
+    from .convert import read_frozen_graph, tf_slim_to_hf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"TF weights file not found: {path}")
+    if path.suffix != ".pb":
+        raise WeightsFormatError(f"{path}: expected a frozen GraphDef (.pb)")
+    tensors = read_frozen_graph(path)
+    try:
+        state_dict, config_kwargs = tf_slim_to_hf(tensors)
+    except WeightsFormatError as err:
+        raise WeightsFormatError(f"{path}: {err}") from None
+    return MobileNetV1Config(**config_kwargs), state_dict
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], *, source: str = "state dict") -> None:
+    """Load `state_dict` into `model`, raising one error that lists every missing, unexpected or misshapen key.
+
+    `num_batches_tracked` is bookkeeping, not a weight: files without it load, and frozen BatchNorms
+    (which have none) accept files with it.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected and not k.endswith("num_batches_tracked")]
+    misshapen = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or misshapen:
+        parts = []
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)):
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
+                parts.append(f"{len(keys)} {title}: {shown}")
+        raise StateDictMismatchError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+    loadable = {k: v for k, v in state_dict.items() if k in expected}
+    model.load_state_dict(loadable, strict=False)
+
+
+def save_safetensors(model: nn.Module, path: str | os.PathLike, config: MobileNetV1Config | None = None) -> None:
+    """Write `model`'s state dict as one `.safetensors` file, with its config in the metadata if given."""
+    metadata = {"format": "pt"}  # transformers checks this key
+    if config is not None:
+        metadata[_CONFIG_METADATA_KEY] = json.dumps(config.to_dict(), sort_keys=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_checkpoint(model: nn.Module, directory: str | os.PathLike, *, safe_serialization: bool = True) -> None:
+    """Write an HF-format directory: `config.json` plus `model.safetensors` (or `pytorch_model.bin`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config: MobileNetV1Config = model.config  # type: ignore[assignment]
+    if safe_serialization:
+        save_safetensors(model, directory / SAFETENSORS_NAME)
+    else:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        atomic_write(directory / PYTORCH_NAME, lambda tmp: torch.save(tensors, tmp))
+    config.to_json_file(directory / CONFIG_NAME)
+    logger.info("saved %s to %s", type(model).__name__, directory)
