@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch.fx
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from .config import NUM_BLOCKS, STAGES, MobileNetV1Config, plan_layers
-from .layers import ConvNormActivation, build_trunk, check_input, init_weights
+from .layers import ConvNormActivation, FrozenBatchNorm2d, build_trunk, check_input, init_weights
 
 __all__ = ["FeatureInfo", "MobileNetV1Backbone", "MIN_INPUT_SIZE"]
 
@@ -189,8 +188,9 @@ class MobileNetV1Backbone(nn.Module):
     def freeze(self, frozen_stages: int) -> MobileNetV1Backbone:
         """Freeze the first `frozen_stages` of the 6 stages: no gradients, frozen BatchNorm statistics.
 
-        Freezing only adds: stages frozen earlier stay frozen. BatchNorm becomes `FrozenBatchNorm2d`
-        with this model's eps (torchvision's default 1e-5 would not match Google's 1e-3).
+        Freezing only adds: stages frozen earlier stay frozen. BatchNorm becomes our `FrozenBatchNorm2d`
+        with this model's eps (torchvision's default 1e-5 would not match Google's 1e-3) and
+        bit-identical outputs.
         """
         if not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= len(STAGES):
             raise ValueError(f"frozen_stages must be an int in [0, {len(STAGES)}], got {frozen_stages!r}")
@@ -199,7 +199,7 @@ class MobileNetV1Backbone(nn.Module):
                 for parameter in module.parameters():
                     parameter.requires_grad_(False)
                 if isinstance(module.normalization, nn.BatchNorm2d):
-                    module.normalization = _to_frozen_batch_norm(module.normalization)
+                    module.normalization = FrozenBatchNorm2d.from_batch_norm(module.normalization)
         self.frozen_stages = max(self.frozen_stages, frozen_stages)
         return self
 
@@ -310,12 +310,3 @@ def _reject_architecture_kwargs(kwargs: dict) -> None:
     clash = sorted(fixed & kwargs.keys())
     if clash:
         raise ValueError(f"{clash} come from the checkpoint's config and cannot be changed when loading weights")
-
-
-def _to_frozen_batch_norm(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
-    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
-    frozen.weight.copy_(bn.weight.detach())
-    frozen.bias.copy_(bn.bias.detach())
-    frozen.running_mean.copy_(bn.running_mean)
-    frozen.running_var.copy_(bn.running_var)
-    return frozen.to(bn.weight.device)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBatchNorm2d
 
 from .config import LayerPlan
 
-__all__ = ["ConvNormActivation", "build_trunk", "make_activation", "tf_same_padding"]
+__all__ = ["ConvNormActivation", "FrozenBatchNorm2d", "build_trunk", "make_activation", "tf_same_padding"]
 
 
 def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
@@ -102,6 +103,27 @@ class ConvNormActivation(nn.Module):
             left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride, self.dilation)
             x = F.pad(x, [left, right, top, bottom])
         return self.activation(self.normalization(self.convolution(x)))
+
+
+class FrozenBatchNorm2d(_TorchvisionFrozenBatchNorm2d):
+    """BatchNorm with fixed statistics and affine parameters (buffers, not parameters).
+
+    torchvision's version folds the statistics into `x * scale + shift`, which rounds differently
+    from the BatchNorm it replaces; this one runs the same inference kernel as `BatchNorm2d.eval()`,
+    so freezing a layer never changes its output, to the last bit.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+        frozen = cls(bn.num_features, eps=bn.eps).to(bn.weight.device)
+        frozen.weight.copy_(bn.weight.detach())
+        frozen.bias.copy_(bn.bias.detach())
+        frozen.running_mean.copy_(bn.running_mean)
+        frozen.running_var.copy_(bn.running_var)
+        return frozen
 
 
 def build_trunk(
