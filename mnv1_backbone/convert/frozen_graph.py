@@ -109,8 +109,16 @@ _SKIPPED_DTYPES: dict[int, str] = {
     30: "DT_UINT4",
 }
 # The typed value fields of TensorProto, to tell "values stored under the wrong type" from "no values".
-_VALUE_FIELDS = {5: "float_val", 6: "double_val", 7: "int_val", 10: "int64_val", 11: "bool_val", 13: "half_val",
-                 16: "uint32_val", 17: "uint64_val"}
+_VALUE_FIELDS = {
+    5: "float_val",
+    6: "double_val",
+    7: "int_val",
+    10: "int64_val",
+    11: "bool_val",
+    13: "half_val",
+    16: "uint32_val",
+    17: "uint64_val",
+}
 
 
 def _dtype_name(code: int) -> str:
@@ -156,8 +164,9 @@ def _last(fields: dict[int, list[Field]], number: int, wire_type: int, what: str
         return None
     f = records[-1]
     if f.wire_type != wire_type:
-        raise WeightsFormatError(f"field {number} of {what} at byte {f.offset} has wire type {f.wire_type}, "
-                                 f"expected {wire_type}")
+        raise WeightsFormatError(
+            f"field {number} of {what} at byte {f.offset} has wire type {f.wire_type}, expected {wire_type}"
+        )
     return f
 
 
@@ -246,8 +255,9 @@ def _decode_tensor(
     elif dt.val_kind == "double":
         values = repeated_fixed(buf, records, "<f8", what=f"{what} double_val")
     else:
-        values = _int_values(repeated_varints(buf, records, what=f"{what} {_VALUE_FIELDS[dt.val_field]}"), dt,
-                             what=what)
+        values = _int_values(
+            repeated_varints(buf, records, what=f"{what} {_VALUE_FIELDS[dt.val_field]}"), dt, what=what
+        )
     if values.size == 0:
         misplaced = [name for num, name in _VALUE_FIELDS.items() if num != dt.val_field and fields.get(num)]
         if misplaced and count:
@@ -256,9 +266,7 @@ def _decode_tensor(
                 f"but this tensor stores them in {', '.join(misplaced)} (wrong dtype?)"
             )
     if values.size > count:
-        raise WeightsFormatError(
-            f"{what}: {values.size} values for {dt.name} shape {list(shape)} of {count} elements"
-        )
+        raise WeightsFormatError(f"{what}: {values.size} values for {dt.name} shape {list(shape)} of {count} elements")
     if values.size < count:
         if count * storage.itemsize > max_broadcast_bytes:
             raise WeightsFormatError(
@@ -275,14 +283,15 @@ def _decode_tensor(
 
 
 def _decode_node(buf: bytes, f: Field, index: int, *, max_broadcast_bytes: int) -> GraphNode:
+    # Until the name is decoded, errors can only point at the node's position.
     label = f"node #{index} at byte {f.offset}"
-    fields = _group(buf, f.value, f.end, "NodeDef")
-    name_field = _last(fields, _NODE_NAME, WIRE_LEN, "NodeDef")
-    name = "" if name_field is None else field_str(buf, name_field, what="NodeDef")
-    if name:
-        label = f"node {name!r} (byte {f.offset})"
     try:
-        if not name:
+        fields = _group(buf, f.value, f.end, "NodeDef")
+        name_field = _last(fields, _NODE_NAME, WIRE_LEN, "NodeDef")
+        name = "" if name_field is None else field_str(buf, name_field, what="NodeDef")
+        if name:
+            label = f"node {name!r} (byte {f.offset})"
+        else:
             raise WeightsFormatError("has no name")
         op_field = _last(fields, _NODE_OP, WIRE_LEN, "NodeDef")
         op = "" if op_field is None else field_str(buf, op_field, what="NodeDef")
@@ -298,8 +307,9 @@ def _decode_node(buf: bytes, f: Field, index: int, *, max_broadcast_bytes: int) 
             key_field = _last(kv, _ENTRY_KEY, WIRE_LEN, "attr entry")
             key = "" if key_field is None else field_str(buf, key_field, what="attr key")
             value_field = _last(kv, _ENTRY_VALUE, WIRE_LEN, "attr entry")
-            attrs[key] = {} if value_field is None else _group(buf, value_field.value, value_field.end,
-                                                               f"AttrValue {key!r}")
+            attrs[key] = (
+                {} if value_field is None else _group(buf, value_field.value, value_field.end, f"AttrValue {key!r}")
+            )
 
         dtype: int | None = None
         for key in ("dtype", "T"):
@@ -317,8 +327,9 @@ def _decode_node(buf: bytes, f: Field, index: int, *, max_broadcast_bytes: int) 
             tensor_field = _last(attrs.get("value", {}), _ATTR_TENSOR, WIRE_LEN, "attr 'value'")
             if tensor_field is None:
                 raise WeightsFormatError("is a Const without a 'value' tensor")
-            code, shape, value = _decode_tensor(buf, tensor_field.value, tensor_field.end, what="value tensor",
-                                                max_broadcast_bytes=max_broadcast_bytes)
+            code, shape, value = _decode_tensor(
+                buf, tensor_field.value, tensor_field.end, what="value tensor", max_broadcast_bytes=max_broadcast_bytes
+            )
             if dtype is not None and dtype != code:
                 raise WeightsFormatError(
                     f"has dtype attr {_dtype_name(dtype)} but its value tensor is {_dtype_name(code)}"
@@ -343,7 +354,9 @@ def _sniff(data: bytes) -> str | None:
 
 
 def decode_graph_nodes(
-    data: bytes | bytearray | memoryview, *, source: str = "<bytes>",
+    data: bytes | bytearray | memoryview,
+    *,
+    source: str = "<bytes>",
     max_broadcast_bytes: int = DEFAULT_MAX_BROADCAST_BYTES,
 ) -> list[GraphNode]:
     """Decode a binary ``GraphDef`` into its nodes, with the values of numeric Consts.
@@ -383,7 +396,9 @@ def decode_graph_nodes(
 
 
 def decode_frozen_graph(
-    data: bytes | bytearray | memoryview, *, source: str = "<bytes>",
+    data: bytes | bytearray | memoryview,
+    *,
+    source: str = "<bytes>",
     max_broadcast_bytes: int = DEFAULT_MAX_BROADCAST_BYTES,
 ) -> dict[str, np.ndarray]:
     """Decode a binary ``GraphDef`` and return ``{Const node name: value}`` for every numeric Const."""

@@ -186,20 +186,20 @@ def _infer_width(observed: list[int]) -> tuple[float, int | None] | None:
     first rounded to two decimals (0.2 rather than 0.19921875) and then exact.
     """
     bases = [layer.base_channels for layer in _LAYERS]
-    ratios = sorted({o / b for o, b in zip(observed, bases) if o > 0}, reverse=True)
+    ratios = sorted({o / b for o, b in zip(observed, bases, strict=True) if o > 0}, reverse=True)
     candidates: list[float] = []
     for alpha in (*RELEASED_DEPTH_MULTIPLIERS, *(round(r, 2) for r in ratios), *ratios):
         if alpha > 0 and alpha not in candidates:
             candidates.append(alpha)
     for alpha in candidates:
         raw = [int(b * alpha) for b in bases]
-        clamped = {o for o, r in zip(observed, raw) if o != r}
+        clamped = {o for o, r in zip(observed, raw, strict=True) if o != r}
         if not clamped:
             # No layer shows the clamp: any min_depth <= the smallest layer reproduces the model.
             return alpha, (None if min(raw) >= _DEFAULT_MIN_DEPTH else min(raw))
         if len(clamped) == 1:
             min_depth = clamped.pop()
-            if all(o == _channels(b, alpha, min_depth) for o, b in zip(observed, bases)):
+            if all(o == _channels(b, alpha, min_depth) for o, b in zip(observed, bases, strict=True)):
                 return alpha, min_depth
     return None
 
@@ -258,8 +258,10 @@ def tf_slim_to_hf(
             if layer.kind == "conv":
                 num_channels = in_channels
             elif prev_out is not None and in_channels != prev_out:
-                problems.append(f"{lookup.scope}/{kernel_name}: {in_channels} input channels, but the previous "
-                                f"layer has {prev_out} outputs")
+                problems.append(
+                    f"{lookup.scope}/{kernel_name}: {in_channels} input channels, but the previous "
+                    f"layer has {prev_out} outputs"
+                )
             if layer.kind == "depthwise":
                 # HWC1 -> C1HW: PyTorch's grouped conv keeps one 1-channel filter per group.
                 weight = kernel.permute(2, 3, 0, 1)
@@ -309,17 +311,26 @@ def tf_slim_to_hf(
     if missing or problems:
         lines = []
         if missing:
-            lines.append(f"{len(missing)} required tensor(s) missing under scope {lookup.scope!r}: " + ", ".join(missing))
+            lines.append(
+                f"{len(missing)} required tensor(s) missing under scope {lookup.scope!r}: {', '.join(missing)}"
+            )
         lines.extend(problems)
+        if any("/BatchNorm/" in m for m in missing) and lookup.has("Conv2d_0/biases"):
+            lines.append(
+                "the convolutions have biases instead of BatchNorm: batch norm was folded into them "
+                "(e.g. by a TFLite/optimize_for_inference export), which this mapping does not undo"
+            )
         present = sorted(n for n in lookup.tensors if n.startswith(lookup.scope + "/"))
         if not present:
-            lines.append(f"no tensor name starts with {lookup.scope + '/'!r}; is the scope right? "
-                         f"Names seen: {sorted(lookup.tensors)[:5]}")
+            lines.append(
+                f"no tensor name starts with {lookup.scope + '/'!r}; is the scope right? "
+                f"Names seen: {sorted(lookup.tensors)[:5]}"
+            )
         raise StateDictMismatchError("TF-slim MobileNetV1 weights do not fit: " + "; ".join(lines))
 
     width = _infer_width(observed)
     if width is None:
-        table = ", ".join(f"{layer.tf_scope}={obs}" for layer, obs in zip(_LAYERS, observed))
+        table = ", ".join(f"{layer.tf_scope}={obs}" for layer, obs in zip(_LAYERS, observed, strict=True))
         raise StateDictMismatchError(
             "TF-slim MobileNetV1 channel counts match no depth_multiplier/min_depth (channels = "
             f"max(int(c * depth_multiplier), min_depth) for c in 32, 64, ..., 1024): {table}"
