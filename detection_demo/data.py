@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "detections_to_coco",
     "evaluate_coco",
     "load_coco_annotations",
+    "load_split",
     "make_eval_transforms",
     "make_train_transforms",
 ]
@@ -74,6 +75,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _is_bbox(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 4 and all(_is_number(x) for x in value)
+
+
 def _check_entries(path: Path, data: dict[str, Any], section: str, required: dict[str, Callable[[Any], bool]]) -> None:
     entries = data[section]
     if not isinstance(entries, list):
@@ -90,9 +103,9 @@ def _check_entries(path: Path, data: dict[str, Any], section: str, required: dic
                 raise ValueError(f"{where}: missing key '{key}'")
             if not check(entry[key]):
                 raise ValueError(f"{where}: invalid '{key}': {entry[key]!r}")
-        # pycocotools' COCOeval records a match as the matched annotation id, so id 0 reads as "no match".
-        if entry["id"] < 1:
-            raise ValueError(f"{where}: ids must be >= 1 (pycocotools reads id 0 as 'no match')")
+        # COCOeval records a match as the matched annotation's id, so an annotation id 0 reads as "no match".
+        if section == "annotations" and entry["id"] < 1:
+            raise ValueError(f"{where}: annotation ids must be >= 1 (pycocotools reads id 0 as 'no match')")
         if entry["id"] in seen:
             raise ValueError(f"{where}: duplicate id {entry['id']}")
         seen.add(entry["id"])
@@ -103,9 +116,10 @@ def load_coco_annotations(annotation_file: str | Path) -> COCO:
 
     Checks what pycocotools and COCOeval rely on and would otherwise fail on later, or silently get wrong:
     the three sections are lists; every image has an int `id`, a `file_name` and positive `width`/`height`;
-    every category an int `id` and a `name`; every annotation an int `id`, a known `image_id` and `category_id`,
-    a `bbox` of 4 finite numbers; ids are unique and >= 1. A missing `area` is set to the box area and a missing
-    `iscrowd` to 0 (both are optional in hand-made files but COCOeval reads them).
+    every category an int `id` and a `name`; every annotation an int `id`, a known `image_id` and
+    `category_id`, a `bbox` of 4 finite numbers; ids are unique per section and annotation ids are >= 1.
+    A missing `area` is set to the box area and a missing `iscrowd` to 0 (both are optional in hand-made
+    files but COCOeval reads them).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -123,22 +137,16 @@ def load_coco_annotations(annotation_file: str | Path) -> COCO:
         if section not in data:
             raise ValueError(f"{path}: missing top-level key '{section}'")
 
-    positive_int = lambda v: _is_int(v) and v > 0  # noqa: E731
-    _check_entries(path, data, "images", {"id": _is_int, "file_name": lambda v: isinstance(v, str) and v != "",
-                                          "width": positive_int, "height": positive_int})
-    _check_entries(path, data, "categories", {"id": _is_int, "name": lambda v: isinstance(v, str) and v != ""})
+    image_keys = {"id": _is_int, "file_name": _is_name, "width": _is_positive_int, "height": _is_positive_int}
+    _check_entries(path, data, "images", image_keys)
+    _check_entries(path, data, "categories", {"id": _is_int, "name": _is_name})
     image_ids = {image["id"] for image in data["images"]}
     category_ids = {category["id"] for category in data["categories"]}
     _check_entries(
         path,
         data,
         "annotations",
-        {
-            "id": _is_int,
-            "image_id": _is_int,
-            "category_id": _is_int,
-            "bbox": lambda v: isinstance(v, (list, tuple)) and len(v) == 4 and all(_is_number(x) for x in v),
-        },
+        {"id": _is_int, "image_id": _is_int, "category_id": _is_int, "bbox": _is_bbox},
     )
     for index, annotation in enumerate(data["annotations"]):
         where = f"{path}: annotations[{index}] (id={annotation['id']})"
@@ -193,8 +201,8 @@ class CocoDetectionDataset(Dataset):
 
     Training targets leave out crowd annotations (`iscrowd=1`) and degenerate boxes (after clipping to the
     image, width or height <= `min_box_size` px; a box wholly outside the image is one); boxes reaching outside
-    the image are clipped. `coco` keeps the file unchanged (crowd regions included): evaluate against it, as
-    COCOeval handles crowd regions itself.
+    the image are clipped. `coco` keeps every annotation of the file (crowd regions included): evaluate against
+    it, as COCOeval handles crowd regions itself.
 
     Args:
         image_dir: folder holding the images named by `file_name`.
@@ -211,6 +219,8 @@ class CocoDetectionDataset(Dataset):
         *,
         min_box_size: float = 1.0,
     ) -> None:
+        if not _is_number(min_box_size) or min_box_size < 0:
+            raise ValueError(f"min_box_size must be a number >= 0, got {min_box_size!r}")
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         self.transforms = transforms
@@ -279,7 +289,9 @@ class CocoDetectionDataset(Dataset):
         """The image at `index`, uint8 (3, H, W), RGB; its size is checked against the annotation file."""
         info = self.coco.imgs[self.ids[index]]
         path = self.image_dir / info["file_name"]
-        image = tv_tensors.Image(decode_image(str(path), mode=ImageReadMode.RGB))
+        # Pillow rather than torchvision.io, whose decoders are deprecated since torchvision 0.29.
+        with PIL.Image.open(path) as file:
+            image = tv_tensors.Image(v2.functional.pil_to_tensor(file.convert("RGB")))
         if tuple(image.shape[-2:]) != (info["height"], info["width"]):
             raise ValueError(
                 f"{path}: image is {image.shape[-1]}x{image.shape[-2]} (WxH) but {self.annotation_file} says "
@@ -409,14 +421,14 @@ def detections_to_coco(
     if len(outputs) != len(image_ids):
         raise ValueError(f"got {len(outputs)} outputs but {len(image_ids)} image ids")
     results: list[dict[str, Any]] = []
-    for output, image_id in zip(outputs, image_ids):
+    for output, image_id in zip(outputs, image_ids, strict=True):
         boxes = output["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4)
         scores = output["scores"].detach().to("cpu", torch.float64).reshape(-1).tolist()
         labels = output["labels"].detach().to("cpu").reshape(-1).tolist()
         if not len(scores) == len(labels) == len(boxes):
             raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        for box, score, label in zip(xywh, scores, labels):
+        for box, score, label in zip(xywh, scores, labels, strict=True):
             if label not in label_to_cat_id:
                 raise ValueError(f"image {image_id}: label {label} is not in label_to_cat_id "
                                  f"(labels {sorted(label_to_cat_id)})")
@@ -469,9 +481,10 @@ def evaluate_coco(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    logger.info("COCO bbox evaluation of %d detections:\n%s", len(results), log.getvalue().rstrip())
+    table = [line for line in log.getvalue().splitlines() if line.lstrip().startswith("Average")]
+    logger.info("COCO bbox evaluation of %d detections:\n%s", len(results), "\n".join(table))
 
-    metrics: dict[str, Any] = {name: float(value) for name, value in zip(COCO_STAT_NAMES, evaluator.stats)}
+    metrics: dict[str, Any] = {name: float(value) for name, value in zip(COCO_STAT_NAMES, evaluator.stats, strict=True)}
     # precision: [IoU thresholds, recall thresholds, categories, area ranges, max detections]; -1 = no ground truth.
     precision = evaluator.eval["precision"]
     per_category: dict[str, dict[str, float]] = {}

@@ -11,23 +11,27 @@ cluttered backgrounds and writes, under `root`::
 
 What makes it a dataset a detector has to learn rather than a toy:
 
-- object sizes are log-uniform between 5% and 60% of the shorter image side (COCO small, medium and large);
+- object diameters range from 5% to 60% of the shorter image side (uniform in their square root), so COCO's
+  small, medium and large area ranges all occur (at 256 px about 45%, 50% and 5%);
 - 1 to 6 objects per image, placed at random, so they overlap; about 2% of the images hold no object;
 - every shape is randomly rotated and deformed (ellipse aspect, triangle angles, rectangle aspect, star points
   and depth, cross arm width); some are drawn as thick outlines only;
 - colours are random for every object and every background, so colour alone does not identify a class; an object
   colour is picked to stand out from the background under it so that every annotated object is visible;
-- backgrounds mix a colour gradient, two octaves of value noise, optional stripes and pixel noise, with distractor
-  lines, scribbles, jagged blobs and speckles that are not objects; a few thin lines are drawn over the objects.
+- backgrounds mix a colour gradient, two octaves of value noise and optional stripes, with distractor lines,
+  scribbles, jagged blobs and speckles that are not objects; pixel noise covers the whole image and a few thin
+  lines are drawn over the objects.
 
 Occlusion: later objects occlude earlier ones. A placement that would leave an earlier object more than 70% hidden
-(or its visible part narrower than 4 px) is rejected and drawn elsewhere, so every drawn object is annotated and
-no unannotated fragment is left in the image. Boxes are the *visible* extent of the object, clipped to the image,
-as COCO boxes are (they enclose the visible segmentation); `area` is the visible pixel count, as COCO's is the
-segmentation area. Boxes use pixel edges: a box covering pixel columns 3..9 is x=3, w=7.
+(or its visible part narrower than 4 px) is rejected and another random object tried instead, so every drawn
+object is annotated and no unannotated fragment is left in the image. Boxes are the *visible* extent of the
+object, clipped to the image, as COCO boxes are (they enclose the visible segmentation); `area` is the visible
+pixel count, as COCO's is the segmentation area. Boxes use pixel edges: a box covering pixel columns 3..9 is
+x=3, w=7.
 
 Every image is drawn from its own `numpy.random.Generator` seeded with (seed, split, index), so the output is the
-same bytes for the same seed (given the same Pillow/libjpeg build), whatever the order of generation.
+same bytes for the same seed (given the same NumPy, Pillow and libjpeg builds), whatever the number of worker
+processes drawing them.
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ _MIN_COLOUR_DISTANCE = 90.0  # RGB L2 distance between an object colour and the 
 _CHUNK_SIZE = 16  # images per task sent to a worker process
 
 
+_Object = tuple[int, tuple[int, int, int, int], int]  # category index, visible xywh box, visible pixel count
+
+
 @dataclass
 class _Shape:
     category: int  # index into CATEGORIES
@@ -103,17 +110,25 @@ def _unit_polygon(category: str, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
 
 
+def _size_fraction(rng: np.random.Generator) -> float:
+    """Object diameter as a fraction of the shorter image side, uniform in its square root.
+
+    Between log-uniform (which at 256 px makes 60% of the objects COCO-"small", under 32x32 px of area) and
+    uniform (few small ones); at 256 px this gives about 45% small, 50% medium and 5% large objects.
+    """
+    return rng.uniform(math.sqrt(_MIN_SIZE_FRACTION), math.sqrt(_MAX_SIZE_FRACTION)) ** 2
+
+
 def _random_shape(rng: np.random.Generator, height: int, width: int) -> _Shape:
     category = int(rng.integers(len(CATEGORIES)))
     side = min(height, width)
-    diameter = side * math.exp(rng.uniform(math.log(_MIN_SIZE_FRACTION), math.log(_MAX_SIZE_FRACTION)))
-    radius = diameter / 2.0
+    radius = side * _size_fraction(rng) / 2.0
     # The centre stays inside the image and at most half the radius may leave it (truncated objects).
     cx = rng.uniform(0.5 * radius, width - 0.5 * radius)
     cy = rng.uniform(0.5 * radius, height - 0.5 * radius)
     polygon = _unit_polygon(CATEGORIES[category], rng)
     if CATEGORIES[category] == "rectangle" and rng.random() < 0.5:
-        theta = rng.normal(0.0, 0.05)  # half the rectangles stay near axis-aligned, as many real boxes do
+        theta = rng.normal(0.0, 0.05)  # half the rectangles stay near axis-aligned: tight boxes
     else:
         theta = rng.uniform(0.0, 2.0 * np.pi)
     rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
@@ -242,7 +257,7 @@ def _visible_box(owner: np.ndarray, index: int) -> tuple[int, int, int, int, int
 
 def _draw_image(
     rng: np.random.Generator, height: int, width: int, num_objects: int
-) -> tuple[np.ndarray, list[tuple[int, tuple[int, int, int, int], int]]]:
+) -> tuple[np.ndarray, list[_Object]]:
     """One image, uint8 (H, W, 3), and its objects as (category index, visible xywh box, visible pixels)."""
     base = Image.fromarray(_background(rng, height, width).astype(np.uint8), "RGB")
     _draw_distractors(rng, base)
@@ -303,7 +318,7 @@ def _still_visible(owner: np.ndarray, index: int, full_pixels: int) -> bool:
     return pixels >= _MIN_VISIBLE_FRACTION * full_pixels and min(w, h) >= _MIN_VISIBLE_SIDE
 
 
-def _draw_and_save(task: tuple[Path, int, int, int, bool, int, int]) -> list[tuple[int, tuple[int, int, int, int], int]]:
+def _draw_and_save(task: tuple[Path, int, int, int, bool, int, int]) -> list[_Object]:
     """Draw image `index` of a split from its own generator, save it as JPEG and return its objects."""
     image_dir, seed, split_code, index, empty, height, width = task
     rng = np.random.default_rng([seed, split_code, index])
@@ -410,7 +425,9 @@ def generate_dataset(
         num_val: number of validation images (>= 1).
         image_size: (height, width) of every image, each at least 32.
         seed: seed of the whole dataset; the same seed gives the same bytes.
-        workers: processes drawing images; None uses up to 8 CPU cores. The output does not depend on it.
+        workers: processes drawing images; None uses up to 8 CPU cores. The output does not depend on it. Worker
+            processes are spawned (splits of 64 images or more), so a script calling this needs the usual
+            `if __name__ == "__main__":` guard.
 
     Returns:
         A dict with `root`, `regenerated` (False when an existing dataset with the same `meta.json` was kept),
