@@ -216,17 +216,16 @@ class MobileNetV1Backbone(nn.Module):
     @classmethod
     def from_config(cls, config: MobileNetV1Config, out_indices: Sequence[int] = (5, 11, 13), **kwargs):
         """A backbone with the architecture of `config` (e.g. a classifier's) and backbone-only options."""
-        return cls(
-            out_indices,
-            depth_multiplier=config.depth_multiplier,
-            min_depth=config.min_depth,
-            tf_padding=config.tf_padding,
-            num_channels=config.num_channels,
-            hidden_act=config.hidden_act,
-            layer_norm_eps=config.layer_norm_eps,
-            batch_norm_momentum=config.batch_norm_momentum,
-            **kwargs,
-        )
+        options = {
+            "depth_multiplier": config.depth_multiplier,
+            "min_depth": config.min_depth,
+            "tf_padding": config.tf_padding,
+            "num_channels": config.num_channels,
+            "hidden_act": config.hidden_act,
+            "layer_norm_eps": config.layer_norm_eps,
+            "batch_norm_momentum": config.batch_norm_momentum,
+        }
+        return cls(out_indices, **{**options, **kwargs})
 
     @classmethod
     def from_pretrained(
