@@ -8,6 +8,8 @@ from .backbone import FeatureInfo, MobileNetV1Backbone
 from .classification import ClassifierOutput, MobileNetV1ForImageClassification, MobileNetV1Model, ModelOutput
 from .config import MobileNetV1Config
 from .errors import StateDictMismatchError, WeightsFormatError
+from .image_processing import MobileNetV1ImageProcessor, post_process_image_classification
+from .labels import imagenet_id2label, imagenet_labels
 
 __version__ = "0.1.0"
 
@@ -17,9 +19,13 @@ __all__ = [
     "MobileNetV1Backbone",
     "MobileNetV1Config",
     "MobileNetV1ForImageClassification",
+    "MobileNetV1ImageProcessor",
     "MobileNetV1Model",
     "ModelOutput",
     "StateDictMismatchError",
     "WeightsFormatError",
     "__version__",
+    "imagenet_id2label",
+    "imagenet_labels",
+    "post_process_image_classification",
 ]

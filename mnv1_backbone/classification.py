@@ -8,7 +8,7 @@ of `MobileNetV1Config`.
 """
 
 import os
-from typing import List, NamedTuple, Optional  # TorchScript reads NamedTuple fields only in this spelling
+from typing import List, NamedTuple, Optional  # noqa: UP035 (TorchScript reads NamedTuple fields only so)
 
 import torch
 import torch.fx

@@ -431,7 +431,9 @@ def _make_backbone(
             f"({weights_backbone}); leave it unset to take the weights' width"
         )
     # TF's decay 0.9997 barely moves the statistics in fine-tuning; torchvision's SSDLite uses 0.03.
-    backbone = MobileNetV1Backbone.from_config(config, out_indices, output_stride=output_stride, batch_norm_momentum=0.03)
+    backbone = MobileNetV1Backbone.from_config(
+        config, out_indices, output_stride=output_stride, batch_norm_momentum=0.03
+    )
     backbone.load_trunk(state_dict, source=str(weights_backbone))
     return backbone
 
