@@ -133,7 +133,8 @@ class MobileNetV1ForImageClassification(nn.Module):
         pooled = outputs.pooler_output
         assert pooled is not None  # the classifier's model always pools
         features = self.dropout(pooled)
-        if features.dim() == 4:
+        # Global pooling always gives (B, C); asking for the rank only otherwise keeps torch.fx tracing simple.
+        if not self.mobilenet_v1.global_pool and features.dim() == 4:
             # TF-slim applies its 1x1 logits conv at every pooled position; a Linear over channels is the same.
             logits = self.classifier(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         else:
@@ -161,11 +162,21 @@ class MobileNetV1ForImageClassification(nn.Module):
         return model
 
     @classmethod
-    def from_tf(cls, path: str | os.PathLike, **config_overrides) -> "MobileNetV1ForImageClassification":
-        """Load Google's TF release weights (a frozen `.pb` GraphDef) without TensorFlow."""
+    def from_tf(
+        cls, path: str | os.PathLike, *, prefer_ema: bool = True, **config_overrides
+    ) -> "MobileNetV1ForImageClassification":
+        """Load Google's TF release weights without TensorFlow.
+
+        `path` is a checkpoint prefix (`dir/mobilenet_v1_1.0_224.ckpt`), a frozen `.pb` GraphDef, or a release
+        archive `mobilenet_v1_<alpha>_<res>[_quant].tgz` (checkpoint preferred, frozen graph as fallback). The
+        config is inferred from the tensor shapes. `prefer_ema=False` loads the raw variables instead of their
+        ExponentialMovingAverage shadows. Quantized (`_quant`) releases load as the float model; their FakeQuant
+        ranges come from `mnv1_backbone.convert.read_fake_quant_ranges(path)`. Raises `WeightsFormatError` naming
+        the file and tensor for corrupt, truncated or unsupported files.
+        """
         from .weights import load_state_dict_strict, load_tf
 
-        config, state_dict = load_tf(path)
+        config, state_dict = load_tf(path, prefer_ema=prefer_ema)
         config = _override(config, config_overrides)
         model = cls(config)
         load_state_dict_strict(model, state_dict, source=str(path))
