@@ -14,7 +14,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch.fx
 from torch import Tensor, nn
@@ -242,11 +241,18 @@ class MobileNetV1Backbone(nn.Module):
         return cls._from_state_dict(config, state_dict, out_indices, source=str(path), **kwargs)
 
     @classmethod
-    def from_tf(cls, path: str | os.PathLike, out_indices: Sequence[int] = (5, 11, 13), **kwargs):
-        """Load the trunk from Google's TF release files (frozen `.pb`), without TensorFlow."""
+    def from_tf(
+        cls, path: str | os.PathLike, out_indices: Sequence[int] = (5, 11, 13), *, prefer_ema: bool = True, **kwargs
+    ):
+        """Load the trunk from Google's TF release files, without TensorFlow.
+
+        `path` is a checkpoint prefix (`dir/mobilenet_v1_1.0_224.ckpt`), a frozen `.pb` GraphDef, or a release
+        archive `mobilenet_v1_<alpha>_<res>[_quant].tgz` (checkpoint preferred). `prefer_ema=False` loads the raw
+        variables instead of their ExponentialMovingAverage shadows; the logits layer is dropped.
+        """
         from .weights import load_tf
 
-        config, state_dict = load_tf(path)
+        config, state_dict = load_tf(path, prefer_ema=prefer_ema)
         return cls._from_state_dict(config, state_dict, out_indices, source=str(path), **kwargs)
 
     @classmethod

@@ -17,7 +17,6 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -408,9 +407,9 @@ def _validate_trainable_layers(is_trained: bool, trainable_layers: int | None, d
 
 
 def _read_classifier_weights(path: str | os.PathLike) -> tuple[MobileNetV1Config, dict[str, Tensor]]:
-    from .weights import load_checkpoint, load_tf
+    from .weights import load_any
 
-    return load_tf(path) if Path(path).suffix == ".pb" else load_checkpoint(path)
+    return load_any(path)
 
 
 def _make_backbone(

@@ -24,6 +24,7 @@ from .config import MobileNetV1Config
 from .errors import StateDictMismatchError, WeightsFormatError
 
 __all__ = [
+    "load_any",
     "load_checkpoint",
     "load_state_dict_file",
     "load_state_dict_strict",
@@ -128,21 +129,32 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[MobileNetV1Config, dict[st
     raise FileNotFoundError(f"{path} has neither {SAFETENSORS_NAME} nor {PYTORCH_NAME}")
 
 
-def load_tf(path: str | os.PathLike) -> tuple[MobileNetV1Config, dict[str, Tensor]]:
-    """(config, HF-keyed state dict) from a TF frozen GraphDef, read without TensorFlow."""
-    from .convert import read_frozen_graph, tf_slim_to_hf
+def load_tf(path: str | os.PathLike, *, prefer_ema: bool = True) -> tuple[MobileNetV1Config, dict[str, Tensor]]:
+    """(config, HF-keyed state dict) from Google's TF release files, read without TensorFlow.
 
+    `path` is a checkpoint prefix (`dir/mobilenet_v1_1.0_224.ckpt`, or its `.index`), a frozen GraphDef (`.pb`) or
+    a whole release archive (`mobilenet_v1_<alpha>_<res>[_quant].tgz`; its checkpoint is preferred, its frozen
+    graph the fallback). The config is inferred from the tensor shapes, `image_size` from the `_<res>` in the
+    name. EMA shadows are used where present unless `prefer_ema=False`. Quantized releases load as the float
+    model (see `mnv1_backbone.convert.read_fake_quant_ranges` for their ranges). Raises `FileNotFoundError`,
+    `WeightsFormatError` (naming the file and tensor) or `StateDictMismatchError`.
+    """
+    from .convert.archive import load_tf_release
+
+    release = load_tf_release(path, prefer_ema=prefer_ema)
+    return release.config, release.state_dict
+
+
+def load_any(path: str | os.PathLike, *, prefer_ema: bool = True) -> tuple[MobileNetV1Config, dict[str, Tensor]]:
+    """(config, state dict) from any classifier weights we read: an HF directory, our `.safetensors`, a Hub id,
+    or Google's TF files (checkpoint prefix, frozen `.pb`, release `.tgz`)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"TF weights file not found: {path}")
-    if path.suffix != ".pb":
-        raise WeightsFormatError(f"{path}: expected a frozen GraphDef (.pb)")
-    tensors = read_frozen_graph(path)
-    try:
-        state_dict, config_kwargs = tf_slim_to_hf(tensors)
-    except WeightsFormatError as err:
-        raise WeightsFormatError(f"{path}: {err}") from None
-    return MobileNetV1Config(**config_kwargs), state_dict
+    is_hf_dir = path.is_dir() and (path / CONFIG_NAME).is_file()
+    if is_hf_dir or path.suffix == ".safetensors":
+        return load_checkpoint(path)
+    if path.exists() or Path(f"{path}.index").is_file():
+        return load_tf(path, prefer_ema=prefer_ema)
+    return load_checkpoint(path)  # a Hub id, or a clear "not found"
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], *, source: str = "state dict") -> None:

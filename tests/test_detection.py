@@ -266,3 +266,18 @@ def test_bring_your_own_detector() -> None:
     fpn = FeaturePyramidNetwork(backbone.out_channels, 64)
     maps = fpn(backbone(torch.randn(1, 3, 128, 128)))
     assert [tuple(v.shape) for v in maps.values()] == [(1, 64, 8, 8), (1, 64, 4, 4)]
+
+
+def test_weights_backbone_accepts_a_tf_checkpoint() -> None:
+    """Google's TF-slim checkpoints (here a TF-written fixture) initialise detection backbones directly."""
+    from pathlib import Path
+
+    prefix = Path(__file__).parent / "fixtures" / "tf_slim" / "mobilenet_v1_0.25_128.ckpt"
+    if not Path(f"{prefix}.index").is_file():
+        pytest.skip("TF-slim fixture missing")
+    classifier = MobileNetV1ForImageClassification.from_tf(prefix)
+    model = det.ssdlite320_mobilenet_v1(num_classes=3, weights_backbone=prefix)
+    assert _backbone(model).config.depth_multiplier == 0.25
+    torch.testing.assert_close(
+        _backbone(model).layer[0].convolution.weight, classifier.mobilenet_v1.layer[0].convolution.weight
+    )
