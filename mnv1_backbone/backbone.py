@@ -73,7 +73,10 @@ class MobileNetV1Backbone(nn.Module):
         frozen_stages: freeze the first N of the 6 stages (stem | 1 | 2-3 | 4-5 | 6-11 | 12-13):
             no gradients, BatchNorm replaced by `FrozenBatchNorm2d` with the same eps.
         norm_eval: keep every BatchNorm in eval mode (running statistics fixed) even in `train()`.
-        num_channels, hidden_act, layer_norm_eps, batch_norm_momentum: as in `MobileNetV1Config`.
+        num_channels: input channels (3 for RGB).
+        hidden_act: activation name, as `MobileNetV1Config.hidden_act`.
+        layer_norm_eps: BatchNorm epsilon (1e-3 for Google's weights).
+        batch_norm_momentum: PyTorch BatchNorm momentum (1 - TF's decay).
 
     Shape:
         input (B, num_channels, H, W) with H, W >= 32; output k is (B, C_k, ceil(H / s_k), ceil(W / s_k))

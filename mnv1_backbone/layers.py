@@ -55,10 +55,17 @@ class ConvNormActivation(nn.Module):
     """Conv2d (no bias) -> BatchNorm2d -> activation, with TF "SAME" or symmetric padding.
 
     Args:
-        in_channels, out_channels: channel counts; `groups=in_channels` makes it depthwise.
-        kernel_size, stride, dilation: of the convolution.
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: of the convolution.
+        stride: of the convolution.
+        dilation: of the convolution (TF "SAME" accounts for it).
+        groups: `groups=in_channels` makes it depthwise.
         tf_padding: TF "SAME" padding (needed by Google's weights) instead of symmetric padding.
             They differ only for strided convs on inputs whose size the stride divides.
+        eps: BatchNorm epsilon.
+        momentum: BatchNorm momentum (PyTorch's meaning).
+        activation: activation name (`make_activation`).
     """
 
     def __init__(
