@@ -72,7 +72,12 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (JSON allows 1e400-digit integers)
+        return False
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -128,9 +133,12 @@ def load_coco_annotations(annotation_file: str | Path) -> COCO:
     """
     path = Path(annotation_file)
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+        data = json.loads(path.read_bytes().decode("utf-8"))  # JSON is UTF-8 (RFC 8259), whatever the locale says
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        # json's C parser recurses once per nesting level: "[" * 100000 would exhaust the stack.
+        raise ValueError(f"{path}: not a COCO file: its JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with images, annotations and categories")
     for section in ("images", "annotations", "categories"):
@@ -159,7 +167,9 @@ def load_coco_annotations(annotation_file: str | Path) -> COCO:
         elif annotation["iscrowd"] not in (0, 1):
             raise ValueError(f"{where}: iscrowd must be 0 or 1, got {annotation['iscrowd']!r}")
         if "area" not in annotation:
-            annotation["area"] = float(annotation["bbox"][2] * annotation["bbox"][3])
+            annotation["area"] = float(annotation["bbox"][2]) * float(annotation["bbox"][3])
+            if not math.isfinite(annotation["area"]):
+                raise ValueError(f"{where}: the area of bbox {annotation['bbox']} is not a finite number")
         elif not _is_number(annotation["area"]):
             raise ValueError(f"{where}: invalid 'area': {annotation['area']!r}")
     return _coco_from_dict(data)
@@ -235,10 +245,11 @@ class CocoDetectionDataset(Dataset):
         crowd = degenerate = clipped = 0
         self._boxes: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
+        self._annotation_ids: list[list[int]] = []  # the annotation each kept box came from, e.g. for its mask
         for image_id in self.ids:
             info = self.coco.imgs[image_id]
             width, height = info["width"], info["height"]
-            boxes, labels = [], []
+            boxes, labels, annotation_ids = [], [], []
             for annotation in self.coco.imgToAnns.get(image_id, []):
                 if annotation["iscrowd"]:
                     crowd += 1
@@ -252,8 +263,10 @@ class CocoDetectionDataset(Dataset):
                 clipped += box != [x, y, x + w, y + h]
                 boxes.append(box)
                 labels.append(self.cat_id_to_label[annotation["category_id"]])
+                annotation_ids.append(annotation["id"])
             self._boxes.append(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
             self._labels.append(np.asarray(labels, dtype=np.int64))
+            self._annotation_ids.append(annotation_ids)
 
         self._summary = DatasetSummary(
             images=len(self.ids),
@@ -284,6 +297,10 @@ class CocoDetectionDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def annotation_ids(self, index: int) -> list[int]:
+        """COCO ids of the annotations behind the training boxes of image `index`, in the order of its `boxes`."""
+        return list(self._annotation_ids[index])
 
     def load_image(self, index: int) -> tv_tensors.Image:
         """The image at `index`, uint8 (3, H, W), RGB; its size is checked against the annotation file."""

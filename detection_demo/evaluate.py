@@ -1,0 +1,155 @@
+"""COCO evaluation of a detector: inference over a split, COCOeval (bbox), a printable table and a JSON report.
+
+`detect_dataset` runs a detector over a `CocoDetectionDataset` (original image sizes; the detectors resize
+internally and return boxes in the original pixels) and returns COCO result dicts, with contiguous labels mapped
+back to COCO category ids. `evaluate_model` scores them with `data.evaluate_coco` (the 12 standard numbers and AP
+per category). `evaluate_checkpoint` is the `evaluate` command: rebuild from a checkpoint, evaluate, write JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data import (
+    COCO_STAT_NAMES,
+    CocoDetectionDataset,
+    collate_fn,
+    detections_to_coco,
+    evaluate_coco,
+    make_eval_transforms,
+)
+from .datasets import DataPaths, open_split
+from .models import ModelSpec, load_trained_model
+
+__all__ = ["detect_dataset", "evaluate_checkpoint", "evaluate_model", "format_metrics"]
+
+logger = logging.getLogger(__name__)
+
+_STAT_DESCRIPTIONS = {
+    "AP": "AP   @[IoU=0.50:0.95 | area=   all | maxDets=100]",
+    "AP50": "AP   @[IoU=0.50      | area=   all | maxDets=100]",
+    "AP75": "AP   @[IoU=0.75      | area=   all | maxDets=100]",
+    "APs": "AP   @[IoU=0.50:0.95 | area= small | maxDets=100]",
+    "APm": "AP   @[IoU=0.50:0.95 | area=medium | maxDets=100]",
+    "APl": "AP   @[IoU=0.50:0.95 | area= large | maxDets=100]",
+    "AR1": "AR   @[IoU=0.50:0.95 | area=   all | maxDets=  1]",
+    "AR10": "AR   @[IoU=0.50:0.95 | area=   all | maxDets= 10]",
+    "AR100": "AR   @[IoU=0.50:0.95 | area=   all | maxDets=100]",
+    "ARs": "AR   @[IoU=0.50:0.95 | area= small | maxDets=100]",
+    "ARm": "AR   @[IoU=0.50:0.95 | area=medium | maxDets=100]",
+    "ARl": "AR   @[IoU=0.50:0.95 | area= large | maxDets=100]",
+}
+
+
+def check_labels(spec: ModelSpec, dataset: CocoDetectionDataset) -> None:
+    """Raise `ValueError` unless `dataset` maps categories to labels as the model was trained with."""
+    if dict(dataset.label_to_cat_id) != spec.label_to_cat_id or list(dataset.categories) != spec.categories:
+        raise ValueError(
+            f"{dataset.annotation_file}: categories {dataset.categories[1:]} (ids {sorted(dataset.cat_id_to_label)}) "
+            f"differ from the model's {spec.categories[1:]} (ids {sorted(spec.label_to_cat_id.values())})"
+        )
+
+
+@torch.inference_mode()
+def detect_dataset(
+    model: nn.Module,
+    dataset: CocoDetectionDataset,
+    label_to_cat_id: Mapping[int, int],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    workers: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run `model` (put in eval mode) over `dataset` (with eval transforms) and return COCO result dicts."""
+    device = torch.device(device)
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_fn)
+    results: list[dict[str, Any]] = []
+    for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
+        images = [image.to(device, non_blocking=True) for image in images]
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            outputs = model(images)
+        results += detections_to_coco(outputs, [t["image_id"] for t in targets], label_to_cat_id)
+    return results
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: CocoDetectionDataset,
+    label_to_cat_id: Mapping[int, int],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """COCO bbox metrics of `model` on `dataset`: `data.evaluate_coco`'s dict plus `num_detections` and `seconds`."""
+    start = time.perf_counter()
+    detections = detect_dataset(model, dataset, label_to_cat_id, device=device, batch_size=batch_size,
+                                workers=workers, progress=progress)
+    metrics = evaluate_coco(dataset.coco, detections)
+    metrics["num_detections"] = len(detections)
+    metrics["seconds"] = time.perf_counter() - start
+    return metrics
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    """The 12 COCO numbers as COCOeval prints them, then a per-category AP / AP50 table."""
+    lines = [f" {_STAT_DESCRIPTIONS[name]} = {metrics[name]:6.3f}   ({name})" for name in COCO_STAT_NAMES]
+    per_category = metrics.get("per_category", {})
+    if per_category:
+        width = max(len("category"), *(len(name) for name in per_category))
+        lines += ["", f" {'category':<{width}}  {'AP':>6}  {'AP50':>6}", " " + "-" * (width + 16)]
+        lines += [f" {name:<{width}}  {value['AP']:6.3f}  {value['AP50']:6.3f}" for name, value in per_category.items()]
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    split: str = "val",
+    data_paths: DataPaths | None = None,
+    output: str | Path | None = None,
+    device: str = "cpu",
+    batch_size: int = 8,
+    workers: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """The `evaluate` command: rebuild the checkpoint's model, evaluate it on `split`, write the metrics as JSON.
+
+    Args:
+        checkpoint: a training checkpoint (`checkpoint_last.pt`) or an exported `model.safetensors`.
+        split: "val" or "train".
+        data_paths: where the split is; default the paths the checkpoint was trained with (a `.pt` checkpoint).
+        output: JSON file to write; default `eval_<split>.json` beside the checkpoint.
+
+    Returns:
+        The metrics (see `evaluate_model`, plus `checkpoint`, `split`, `annotation_file`) and the JSON path.
+    """
+    checkpoint = Path(checkpoint)
+    model, spec, args = load_trained_model(checkpoint, device)
+    if data_paths is None:
+        if not args.get("data_paths"):
+            raise ValueError(f"{checkpoint} does not record its data; give --data-root or the image/annotation paths")
+        data_paths = DataPaths(**{name: Path(value) for name, value in args["data_paths"].items()})
+    dataset = open_split(data_paths, split, make_eval_transforms())
+    check_labels(spec, dataset)
+    metrics = evaluate_model(model, dataset, spec.label_to_cat_id, device=device, batch_size=batch_size,
+                             workers=workers, progress=progress)
+    metrics = {"checkpoint": str(checkpoint), "split": split, "annotation_file": str(dataset.annotation_file),
+               **metrics}
+    output = Path(output) if output is not None else checkpoint.parent / f"eval_{split}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics, output
