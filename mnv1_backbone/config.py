@@ -26,6 +26,14 @@ __all__ = [
 ]
 
 
+def _finite(value: float) -> bool:
+    """`math.isfinite`, False for ints too large for a float (JSON allows 1e400-sized integers)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass(frozen=True)
 class LayerDef:
     """One row of the architecture: TF-slim end point name, nominal stride and channels at alpha = 1."""
@@ -146,7 +154,7 @@ class MobileNetV1Config:
             raise ValueError(f"num_channels must be a positive int, got {self.num_channels!r}")
         if not isinstance(self.image_size, int) or self.image_size < 32:
             raise ValueError(f"image_size must be an int >= 32, got {self.image_size!r}")
-        if not isinstance(self.depth_multiplier, (int, float)) or not math.isfinite(self.depth_multiplier) or (
+        if not isinstance(self.depth_multiplier, (int, float)) or not _finite(self.depth_multiplier) or (
             self.depth_multiplier <= 0
         ):
             raise ValueError(f"depth_multiplier must be a finite number > 0, got {self.depth_multiplier!r}")
@@ -156,7 +164,9 @@ class MobileNetV1Config:
             raise ValueError(f"hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}")
         if not 0.0 <= self.classifier_dropout_prob < 1.0:
             raise ValueError(f"classifier_dropout_prob must be in [0, 1), got {self.classifier_dropout_prob!r}")
-        if not self.layer_norm_eps > 0:
+        if not isinstance(self.layer_norm_eps, (int, float)) or not _finite(self.layer_norm_eps) or (
+            not self.layer_norm_eps > 0
+        ):
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
         if not 0.0 <= self.batch_norm_momentum <= 1.0:
             raise ValueError(f"batch_norm_momentum must be in [0, 1], got {self.batch_norm_momentum!r}")
@@ -226,7 +236,11 @@ class MobileNetV1Config:
             kwargs["num_labels"] = len(data["label2id"])
         if isinstance(kwargs.get("image_size"), (list, tuple)):
             # HF accepts [H, W]; MobileNetV1 checkpoints are square, so keep the first side.
-            kwargs["image_size"] = int(kwargs["image_size"][0])
+            sides = kwargs["image_size"]
+            try:
+                kwargs["image_size"] = int(sides[0])
+            except (IndexError, TypeError, ValueError, OverflowError):
+                raise ValueError(f"image_size must be an int or a [height, width] pair, got {sides!r}") from None
         return cls(**kwargs, extra=extra)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
@@ -244,7 +258,10 @@ class MobileNetV1Config:
             raise FileNotFoundError(f"config file not found: {path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
+        except RecursionError:
+            # json's C parser recurses once per nesting level: "[" * 100000 would exhaust the stack.
+            raise ValueError(f"{path} is not a config: its JSON is nested too deeply") from None
         try:
             return cls.from_dict(data)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError) as err:
             raise ValueError(f"{path}: {err}") from None

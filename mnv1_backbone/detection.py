@@ -141,7 +141,9 @@ def ssdlite_mobilenet_v1(
     backbone = _make_backbone((11, 13), weights_backbone, depth_multiplier)
     backbone.freeze(NUM_STAGES - trainable)
     features = SSDLiteFeatureExtractor(backbone)
-    anchor_generator = DefaultBoxGenerator([[2, 3] for _ in features.out_channels], min_ratio=0.2, max_ratio=0.95)
+    anchor_generator = kwargs.pop("anchor_generator", None) or DefaultBoxGenerator(
+        [[2, 3] for _ in features.out_channels], min_ratio=0.2, max_ratio=0.95
+    )
     norm_layer = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.03)
     head = SSDLiteHead(features.out_channels, anchor_generator.num_anchors_per_location(), num_classes, norm_layer)
     defaults = {

@@ -77,6 +77,8 @@ _COMPATIBLE_TYPES = frozenset(
         "MobileNetV1FeatureExtractor",
     }
 )
+# Largest resize or crop side accepted: a 16384 x 16384 RGB float32 image is 3 GiB, far beyond any MobileNet input.
+_MAX_SIDE = 16384
 # PIL modes whose samples do not fit in 8 bits: `convert("RGB")` would clip them instead of scaling.
 _HIGH_BIT_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 
@@ -192,7 +194,7 @@ class MobileNetV1ImageProcessor:
             "image_std",
         }
         declared = config.get("image_processor_type") or config.get("feature_extractor_type")
-        if declared is not None and declared not in _COMPATIBLE_TYPES:
+        if declared is not None and (not isinstance(declared, str) or declared not in _COMPATIBLE_TYPES):
             warnings.warn(
                 f"this preprocessor config was written for {declared!r}, not MobileNetV1; using its settings anyway",
                 stacklevel=2,
@@ -219,11 +221,18 @@ class MobileNetV1ImageProcessor:
             )
         try:
             config = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{file} is not valid JSON: {error}") from error
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{file} is not valid JSON: {error}") from None
+        except RecursionError:
+            # json's C parser recurses once per nesting level: "[" * 100000 would exhaust the stack.
+            raise ValueError(f"{file} is not a preprocessor config: its JSON is nested too deeply") from None
         if not isinstance(config, dict):
             raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
-        return cls.from_dict(config)
+        try:
+            return cls.from_dict(config)
+        except (TypeError, ValueError) as error:
+            # A wrongly typed value in a file is a bad file (ValueError), not a wrongly typed argument.
+            raise ValueError(f"{file}: {error}") from None
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write `preprocessor_config.json` (HF's keys and layout) into `directory`, creating it; return the file."""
@@ -436,6 +445,9 @@ def _pil_to_tensor(image: Image.Image, where: str) -> torch.Tensor:
             rgb = image.convert("RGB")
     except ValueError as error:
         raise ValueError(f"{where}: cannot convert PIL mode {image.mode!r} to RGB ({error})") from error
+    except OSError as error:
+        # Pillow decodes lazily, so a truncated or corrupt file only fails here, with an OSError naming no image.
+        raise ValueError(f"{where}: cannot decode the image, the file is truncated or corrupt ({error})") from error
     return _chw_to_rgb(torch.from_numpy(np.array(rgb)).permute(2, 0, 1), where)
 
 
@@ -484,6 +496,15 @@ def _chw_to_rgb(tensor: torch.Tensor, where: str) -> torch.Tensor:
         raise ValueError(f"{where} is empty: height {height}, width {width}")
     if tensor.is_floating_point():
         tensor = tensor.to(torch.float32)
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = tensor[~finite]
+            kinds = [kind for kind, found in (("NaN", torch.isnan(bad).any()), ("infinite", torch.isinf(bad).any()))
+                     if bool(found)]
+            raise ValueError(
+                f"{where} is a float image with {bad.numel()} {' and '.join(kinds)} value(s) out of {tensor.numel()}; "
+                "float images must hold finite values in [0, 1]"
+            )
         low, high = tensor.min().item(), tensor.max().item()
         if not (0.0 <= low and high <= 1.0):  # also catches NaN
             raise ValueError(
@@ -533,6 +554,9 @@ def _check_flag(value: Any, name: str) -> bool:
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if value > _MAX_SIDE:
+        # Sizes come from preprocessor_config.json files too: a claimed side of 10**9 would allocate 10**18 pixels.
+        raise ValueError(f"{name} must be at most {_MAX_SIDE} pixels, got {value!r}")
     return int(value)
 
 

@@ -40,6 +40,8 @@ SAFETENSORS_NAME = "model.safetensors"
 PYTORCH_NAME = "pytorch_model.bin"
 # Key of the config JSON in the metadata of our single-file safetensors checkpoints.
 _CONFIG_METADATA_KEY = "mnv1_backbone.config"
+# What torch.serialization._is_zipfile looks for: the local file header signature of a zip archive.
+_ZIP_MAGIC = b"PK\x03\x04"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -53,6 +55,18 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise WeightsFormatError(f"{path} is not a readable safetensors file: {err}") from None
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != _ZIP_MAGIC:
+        # torch.load takes the zip reader exactly when the file starts with a zip local header. Its legacy (pre-1.6)
+        # format allocates each storage at the size its pickle declares before reading the data
+        # (torch.serialization._legacy_load), so a 1 KB file could reserve gigabytes; the zip reader checks every
+        # declared size against its record first.
+        raise WeightsFormatError(
+            f"{path} could not be read as a weights-only PyTorch file: it is not in torch's zip format (torch.save "
+            "since torch 1.6); the legacy format is refused because it allocates the sizes it declares before "
+            "checking them. Re-save it with a current torch, or better, as safetensors"
+        )
     try:
         # weights_only: never run code from a pickle; a malicious .bin is refused, not executed.
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -75,8 +89,10 @@ def _safetensors_config(path: Path) -> MobileNetV1Config | None:
         return None
     try:
         return MobileNetV1Config.from_dict(json.loads(metadata[_CONFIG_METADATA_KEY]))
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
+    except (json.JSONDecodeError, TypeError, ValueError, OverflowError) as err:
         raise WeightsFormatError(f"{path}: the config in its metadata is invalid: {err}") from None
+    except RecursionError:
+        raise WeightsFormatError(f"{path}: the config in its metadata is nested too deeply to be one") from None
 
 
 def _resolve_hub(repo_id: str) -> Path:
@@ -99,6 +115,35 @@ def _resolve_hub(repo_id: str) -> Path:
         ) from None
 
 
+# How many more numbers than its weights file holds a config's model may have. A bare-trunk file whose config still
+# names a classifier head is legitimate (HF's MobileNetV1Model writes num_labels=2); a head of 10**9 labels is not.
+_CONFIG_SLACK_ELEMENTS = 1 << 22
+
+
+def _check_config_fits(config: MobileNetV1Config, state_dict: dict[str, Tensor], source: str) -> None:
+    """Refuse a config that describes a much larger model than its weights file holds, before building it.
+
+    Building the model allocates what `config.json` declares (num_labels x width floats for the classifier, widths
+    from depth_multiplier), so a 500-byte config could ask for terabytes. The model is built on the meta device
+    (shapes only, nothing allocated) and its size compared with the file's; exact shapes are checked later by
+    `load_state_dict_strict`, which lists every difference.
+    """
+    from .classification import MobileNetV1ForImageClassification
+
+    try:
+        with torch.device("meta"):
+            declared = sum(t.numel() for t in MobileNetV1ForImageClassification(config).state_dict().values())
+    except (RuntimeError, TypeError, ValueError, OverflowError) as err:
+        raise StateDictMismatchError(f"{source}: its config describes a model that cannot be built: {err}") from None
+    held = sum(t.numel() for t in state_dict.values())
+    if declared > held + _CONFIG_SLACK_ELEMENTS:
+        raise StateDictMismatchError(
+            f"{source}: its config describes a model of {declared:,} numbers, but the weights hold only {held:,}; "
+            f"the config (num_labels={config.num_labels}, depth_multiplier={config.depth_multiplier}, "
+            f"num_channels={config.num_channels}, min_depth={config.min_depth}) does not belong to these weights"
+        )
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[MobileNetV1Config, dict[str, Tensor]]:
     """(config, state dict) from an HF directory, our `.safetensors` file, or a Hub id."""
     path = Path(path)
@@ -118,14 +163,18 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[MobileNetV1Config, dict[st
             raise WeightsFormatError(
                 f"{path} has no MobileNetV1 config in its metadata; pass the directory holding it and config.json"
             )
-        return config, load_state_dict_file(path)
+        state_dict = load_state_dict_file(path)
+        _check_config_fits(config, state_dict, str(path))
+        return config, state_dict
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}")
     config = MobileNetV1Config.from_json_file(config_file)
     for name in (SAFETENSORS_NAME, PYTORCH_NAME):
         if (path / name).is_file():
-            return config, load_state_dict_file(path / name)
+            state_dict = load_state_dict_file(path / name)
+            _check_config_fits(config, state_dict, f"{path / name} with {config_file}")
+            return config, state_dict
     raise FileNotFoundError(f"{path} has neither {SAFETENSORS_NAME} nor {PYTORCH_NAME}")
 
 

@@ -132,6 +132,20 @@ def _check_member_name(archive: Path, name: str) -> None:
         raise WeightsFormatError(f"{archive}: refusing an archive with an unsafe member path {name!r}")
 
 
+def _open_tar(archive: Path) -> tarfile.TarFile:
+    """Open a plain, gzip- or bzip2-compressed tar. Not ``"r:*"``: that also accepts xz and lzma, whose header sets
+    the decoder's dictionary size (up to 4 GiB, allocated up front), so a 60-byte file could claim gigabytes."""
+    with open(archive, "rb") as handle:
+        magic = handle.read(6)
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        raise WeightsFormatError(
+            f"{archive}: xz-compressed archives are not supported (their header sizes the decoder's memory "
+            "before any data is checked); Google's releases are gzip-compressed .tgz files"
+        )
+    mode = "r:gz" if magic.startswith(b"\x1f\x8b") else "r:bz2" if magic.startswith(b"BZh") else "r:"
+    return tarfile.open(archive, mode)
+
+
 def extract_release_archive(archive: str | os.PathLike[str], destination: str | os.PathLike[str]) -> list[Path]:
     """Extract the weight files (checkpoint index and shards, ``.pb``) of a release archive into ``destination``.
 
@@ -144,7 +158,7 @@ def extract_release_archive(archive: str | os.PathLike[str], destination: str | 
     written: list[Path] = []
     total = 0
     try:
-        tar = tarfile.open(archive, "r:*")
+        tar = _open_tar(archive)
     except FileNotFoundError:
         raise
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
@@ -219,7 +233,12 @@ def read_tf_weights(path: str | os.PathLike[str]) -> TFWeights:
     if path.is_file() and _is_archive(path):
         with tempfile.TemporaryDirectory(prefix="mnv1_tf_release_") as tmp:
             extract_release_archive(path, tmp)
-            kind, file, tensors = _read_directory(Path(tmp), source=path, archive_kind="archive ")
+            try:
+                kind, file, tensors = _read_directory(Path(tmp), source=path, archive_kind="archive ")
+            except WeightsFormatError as err:
+                # The message names the extracted file, gone once this returns: name the archive and the member.
+                message = str(err).replace(tmp + os.sep, "")
+                raise type(err)(message if message.startswith(str(path)) else f"{path}: {message}") from None
         image_size = image_size_from_name(path.name) or image_size_from_name(file)
         return TFWeights(path, kind, file, tensors, image_size)
     if path.is_file() and path.suffix == ".pb":

@@ -292,6 +292,9 @@ _HEADER_NUM_SHARDS, _HEADER_ENDIANNESS, _HEADER_VERSION = 1, 2, 3
 _VERSION_PRODUCER, _VERSION_MIN_CONSUMER, _VERSION_BAD_CONSUMERS = 1, 2, 3
 _ENTRY_DTYPE, _ENTRY_SHAPE, _ENTRY_SHARD, _ENTRY_OFFSET, _ENTRY_SIZE, _ENTRY_CRC, _ENTRY_SLICES = 1, 2, 3, 4, 5, 6, 7
 _SHAPE_DIM, _SHAPE_UNKNOWN_RANK, _DIM_SIZE = 2, 3, 1
+# numpy's limits (NPY_MAXDIMS, a byte size that fits in intp): beyond them numpy would raise its own ValueError.
+_MAX_ARRAY_DIMS = 64
+_MAX_ARRAY_BYTES = (1 << 63) - 1
 # The bundle format version this reader implements (kTensorBundleVersion).
 _BUNDLE_VERSION = 1
 
@@ -546,9 +549,16 @@ class TFCheckpoint:
             )
         dtype_name, storage = _NUMERIC_DTYPES[entry.dtype_code]
         dtype = np.dtype(storage).newbyteorder(">" if self.big_endian else "<")
-        count = 1
+        if len(entry.shape) > _MAX_ARRAY_DIMS:
+            raise WeightsFormatError(
+                f"{self.index_path}: {what} has {len(entry.shape)} dimensions; at most {_MAX_ARRAY_DIMS} are supported"
+            )
+        count, span = 1, dtype.itemsize
         for dim in entry.shape:
             count *= dim
+            span *= max(dim, 1)  # numpy bounds the product of the non-zero dims even for an empty array
+        if span > _MAX_ARRAY_BYTES:
+            raise WeightsFormatError(f"{self.index_path}: {what} has shape {list(entry.shape)}, over 2**63 bytes")
         if count * dtype.itemsize != entry.size:
             raise WeightsFormatError(
                 f"{self.index_path}: {what} claims {entry.size} bytes, but {dtype_name} {list(entry.shape)} "

@@ -215,6 +215,22 @@ def _finish(array: np.ndarray, dt: _DType) -> np.ndarray:
     return array
 
 
+# numpy's limits (NPY_MAXDIMS, and a byte size that fits in a signed 64-bit intp): a shape beyond them would make
+# numpy raise its own ValueError, even for an empty tensor such as [0, 2**62, 2**62].
+_MAX_ARRAY_DIMS = 64
+_MAX_ARRAY_BYTES = (1 << 63) - 1
+
+
+def _check_array_shape(shape: tuple[int, ...], itemsize: int, *, what: str) -> None:
+    if len(shape) > _MAX_ARRAY_DIMS:
+        raise WeightsFormatError(f"{what}: shape has {len(shape)} dimensions; at most {_MAX_ARRAY_DIMS} are supported")
+    span = itemsize
+    for d in shape:
+        span *= max(d, 1)  # zeros are skipped: numpy bounds the product of the other dims too
+    if span > _MAX_ARRAY_BYTES:
+        raise WeightsFormatError(f"{what}: shape {list(shape)} spans more than 2**63 bytes")
+
+
 def _decode_tensor(
     buf: bytes, start: int, end: int, *, what: str, max_broadcast_bytes: int
 ) -> tuple[int, tuple[int, ...], np.ndarray | None]:
@@ -235,6 +251,7 @@ def _decode_tensor(
 
     dt = _NUMERIC_DTYPES[code]
     storage = np.dtype(dt.content)
+    _check_array_shape(shape, storage.itemsize, what=what)
     count = 1
     for d in shape:
         count *= d  # Python ints: a lying shape cannot overflow, it just fails the size checks below
