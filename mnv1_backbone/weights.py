@@ -42,6 +42,8 @@ PYTORCH_NAME = "pytorch_model.bin"
 _CONFIG_METADATA_KEY = "mnv1_backbone.config"
 # What torch.serialization._is_zipfile looks for: the local file header signature of a zip archive.
 _ZIP_MAGIC = b"PK\x03\x04"
+# The line of torch.load's error that says what its weights-only unpickler refused.
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error: (.*?)(?:\.\s+Please\b|\.?\n|\.?$)")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -71,10 +73,25 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         # weights_only: never run code from a pickle; a malicious .bin is refused, not executed.
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or hostile pickles
-        raise WeightsFormatError(f"{path} could not be read as a weights-only PyTorch file: {err}") from None
+        raise WeightsFormatError(
+            f"{path} could not be read as a weights-only PyTorch file: {_torch_load_reason(err)}"
+        ) from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise WeightsFormatError(f"{path} does not hold a state dict of tensors")
     return state_dict
+
+
+def _torch_load_reason(error: Exception) -> str:
+    """torch's reason, minus its advice: for a refused pickle torch suggests retrying with weights_only=False,
+    which for a hostile file means running its code. Keep only what was refused."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch colours part of its message
+    refused = _UNPICKLER_ERROR.search(text)
+    if refused:
+        return (
+            f"its pickle was refused ({refused.group(1).strip()}); a weights file holds tensors and plain values, "
+            "and asks to run no code"
+        )
+    return " ".join(text.split())
 
 
 def _safetensors_config(path: Path) -> MobileNetV1Config | None:
