@@ -602,10 +602,22 @@ def _check_resample(resample: Any) -> int:
     return int(resample)
 
 
+def _finite_float(value: Any) -> float | None:
+    """``float(value)`` if that is finite, else None (ints too large for a float included: JSON allows 1e400)."""
+    try:
+        number = float(value)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
 def _check_rescale_factor(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not value > 0:
         raise ValueError(f"rescale_factor must be a positive number, got {value!r}")
-    return float(value)
+    number = _finite_float(value)
+    if number is None:
+        raise ValueError(f"rescale_factor must be a positive number, finite as a float, got {value!r}")
+    return number
 
 
 def _channel_values(values: Any, name: str) -> list[float]:
@@ -617,7 +629,8 @@ def _channel_values(values: Any, name: str) -> list[float]:
     for value in values:
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
             raise ValueError(f"{name} must hold numbers, got {values!r}")
-        if not np.isfinite(value):
+        number = _finite_float(value)
+        if number is None:
             raise ValueError(f"{name} must hold finite numbers, got {values!r}")
-        result.append(float(value))
+        result.append(number)
     return result

@@ -1157,6 +1157,7 @@ def hand_made_inputs() -> dict[str, dict[str, bytes]]:
         },
         "preprocessor_config": {
             "size_1e400": json_bytes({**PREPROCESSOR, "size": {"shortest_edge": 10**400}}),
+            "image_mean_10_pow_400": json_bytes({**PREPROCESSOR, "image_mean": [0.5, 10**400, 0.5]}),
             "image_std_zero": json_bytes({**PREPROCESSOR, "image_std": 0}),
             "image_mean_nan": json_bytes({**PREPROCESSOR, "image_mean": float("nan")}),
             "resample_lanczos": json_bytes({**PREPROCESSOR, "resample": 1}),
