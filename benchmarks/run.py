@@ -1,27 +1,33 @@
 """Speed of mnv1_backbone against its peers, measured in one process with the same inputs.
 
-Every case warms up, then reports the median of many timed runs; ratios are to Hugging Face
-transformers' eager MobileNetV1 measured in the same run (only ratios from one run mean anything on
-a shared machine). Peers that are not installed are skipped, and the table says so.
+Every group of cases warms each case up, then times them in interleaved rounds (one call of each case
+per round), so that a machine that speeds up or slows down affects every case alike; it reports the
+median per case and the ratio to Hugging Face transformers' eager MobileNetV1 (or the group's first
+case) measured in the same rounds. Only ratios from one run mean anything on a shared machine. Peers
+that are not installed are skipped, and the output says so.
 
     python benchmarks/run.py                 # full run, 2 threads, JSON to benchmarks/results.json
-    python benchmarks/run.py --quick         # fewer repetitions, no torch.compile
-    python benchmarks/run.py --device cuda   # also float16/bfloat16 cases on a GPU
+    python benchmarks/run.py --quick         # fewer rounds, no torch.compile
+    python benchmarks/run.py --device cuda   # also float32/float16/bfloat16 cases on a GPU
 
 Cases: classifier at 224x224, batch 1 and 8 (ours eager / fast path / fast path + torch.compile /
 int8, transformers, timm `mobilenetv1_100`, torchvision `mobilenet_v2` and `mobilenet_v3_large`);
 the backbone's (5, 11, 13) features at 320x320; SSDLite-MobileNetV1 against torchvision's
-`ssdlite320_mobilenet_v3_large` at batch 1, and one training step of each at batch 4.
+`ssdlite320_mobilenet_v3_large` at batch 1, and one training step of each at batch 4. The compute
+floor is the classifier's 1.14 GFLOP per image at the best dense matrix-product rate measured in the
+run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,34 +39,70 @@ from mnv1_backbone import MobileNetV1Backbone, MobileNetV1Config, MobileNetV1For
 from mnv1_backbone.inference import optimize_for_inference, quantize_int8  # noqa: E402
 
 GFLOP_PER_IMAGE = 1.14  # 2 x 568.7 M multiply-adds at 224x224, alpha 1.0
+REFERENCE = "transformers eager"
 
 
-def median_ms(fn: Callable[[], object], warmup: int, repeats: int, inference: bool = True) -> float:
+def time_interleaved(
+    cases: dict[str, Callable[[], object]], warmup: int, rounds: int, inference: bool = True
+) -> dict[str, float]:
+    """Median milliseconds per case, timing the cases in turn in each round."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
     with torch.inference_mode(inference):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        for fn in cases.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(rounds):
+            for name, fn in cases.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1000 for name, values in times.items()}
 
 
-def matmul_gflops(repeats: int) -> float:
-    """The machine's dense float32 matrix-product rate: the ceiling a conv net can approach."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    ms = median_ms(lambda: a @ b, 2, repeats)
-    return 2 * 2048**3 / (ms / 1000) / 1e9
+def matmul_gflops(rounds: int) -> float:
+    """The best dense float32 matrix-product rate of a few sizes: the ceiling a conv net can approach."""
+    best = 0.0
+    for n in (1024, 2048, 3072):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        ms = time_interleaved({"matmul": lambda a=a, b=b: a @ b}, 3, max(5, rounds // 2))["matmul"]
+        best = max(best, 2 * n**3 / (ms / 1000) / 1e9)
+    return best
 
 
-def peer_models(skipped: list[str]) -> dict[str, Callable[[torch.Tensor], object]]:
-    peers: dict[str, Callable[[torch.Tensor], object]] = {}
+def describe_machine(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    vector_flags = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}  # VNNI decides int8's activation bits
+    flags = " ".join(sorted(flag for flag in _cpu_flags() if flag in vector_flags))
+    malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD")
+    return (
+        f"{cpu} ({os.cpu_count()} logical CPUs; {flags or 'no AVX flags read'}), {threads} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}, allocator env: {malloc or 'default'}"
+    )
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def peer_models(skipped: list[str]) -> dict[str, torch.nn.Module]:
+    peers: dict[str, torch.nn.Module] = {}
     try:
         import timm
 
-        timm_model = timm.create_model("mobilenetv1_100", pretrained=False).eval()
-        peers["timm mobilenetv1_100"] = timm_model
+        peers["timm mobilenetv1_100"] = timm.create_model("mobilenetv1_100", pretrained=False).eval()
     except Exception as err:  # not installed, or the model name changed
         skipped.append(f"timm: {err}")
     from torchvision.models import mobilenet_v2, mobilenet_v3_large
@@ -83,19 +125,19 @@ def classifier_cases(args, results: list[dict], skipped: list[str]) -> None:
         hf.load_state_dict(ours.state_dict())  # same weights
     peers = peer_models(skipped)
     calibration = [torch.rand(2, 3, 224, 224) * 2 - 1 for _ in range(4)]
-    int8 = quantize_int8(ours, calibration)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        int8 = quantize_int8(ours, calibration)
     for batch in (1, 8):
         x = torch.rand(batch, 3, 224, 224) * 2 - 1
-        fast = optimize_for_inference(ours, x)
         cases: dict[str, Callable[[], object]] = {}
         if hf is not None:
-            cases["transformers eager"] = lambda x=x: hf(x)
+            cases[REFERENCE] = lambda x=x: hf(x)
         cases["ours eager"] = lambda x=x: ours(x)
+        fast = optimize_for_inference(ours, x)
         cases["ours fast path"] = lambda x=x, fast=fast: fast(x)
         if not args.quick:
-            compiled = optimize_for_inference(ours, x, compile=True)
-            with torch.inference_mode():
-                compiled(x)  # compile outside the timing
+            compiled = optimize_for_inference(ours, x, compile=True)  # compiles here, outside the timing
             cases["ours fast path + compile"] = lambda x=x, compiled=compiled: compiled(x)
         cases["ours int8"] = lambda x=x: int8(x)
         for name, model in peers.items():
@@ -124,11 +166,15 @@ def detector_cases(args, results: list[dict]) -> None:
     ours = ssdlite320_mobilenet_v1(num_classes=91).eval()
     theirs = ssdlite320_mobilenet_v3_large(num_classes=91, weights=None, weights_backbone=None).eval()
     images = [torch.rand(3, 320, 320)]
+    fast = ssdlite320_mobilenet_v1(num_classes=91).eval()
+    fast.load_state_dict(ours.state_dict())
+    fast.backbone.backbone = optimize_for_inference(fast.backbone.backbone, torch.rand(1, 3, 320, 320))
     run_group(
         "SSDLite 320x320 batch 1 (inference)",
         {
             "torchvision ssdlite320_mobilenet_v3_large": lambda: theirs(images),
             "ours ssdlite320_mobilenet_v1": lambda: ours(images),
+            "ours, fast-path backbone": lambda: fast(images),
         },
         args,
         results,
@@ -157,7 +203,7 @@ def detector_cases(args, results: list[dict]) -> None:
         args,
         results,
         batch=4,
-        repeats_scale=0.3,
+        rounds_scale=0.3,
         inference=False,
     )
 
@@ -166,7 +212,8 @@ def cuda_cases(args, results: list[dict]) -> None:
     model = MobileNetV1ForImageClassification(MobileNetV1Config()).eval().cuda()
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x = (torch.rand(8, 3, 224, 224, device="cuda") * 2 - 1).to(dtype)
-        fast = optimize_for_inference(model.to(dtype), x)
+        typed = model.to(dtype)
+        fast = optimize_for_inference(typed, x)
 
         def synced(fn: Callable[[], object]) -> Callable[[], None]:
             def run() -> None:
@@ -177,7 +224,10 @@ def cuda_cases(args, results: list[dict]) -> None:
 
         run_group(
             f"CUDA classifier batch 8 {str(dtype).replace('torch.', '')}",
-            {"ours eager": synced(lambda x=x: model(x)), "ours fast path": synced(lambda x=x, fast=fast: fast(x))},
+            {
+                "ours eager": synced(lambda x=x, typed=typed: typed(x)),
+                "ours fast path": synced(lambda x=x, fast=fast: fast(x)),
+            },
             args,
             results,
             batch=8,
@@ -185,38 +235,74 @@ def cuda_cases(args, results: list[dict]) -> None:
 
 
 def run_group(
-    title: str, cases: dict, args, results: list[dict], *, batch: int, repeats_scale: float = 1.0, inference=True
+    title: str, cases: dict, args, results: list[dict], *, batch: int, rounds_scale: float = 1.0, inference=True
 ) -> None:
-    repeats = max(5, int(args.repeats * repeats_scale))
-    timings = {name: median_ms(fn, args.warmup, repeats, inference) for name, fn in cases.items()}
-    reference = timings.get("transformers eager") or next(iter(timings.values()))
-    print(f"\n{title}  (median of {repeats} runs)")
+    rounds = max(5, int(args.rounds * rounds_scale))
+    timings = time_interleaved(cases, args.warmup, rounds, inference)
+    reference_name = REFERENCE if REFERENCE in timings else next(iter(timings))
+    reference = timings[reference_name]
+    floor = args.floor_ms * batch if title.startswith("classifier") else None
+    print(f"\n{title}  (median of {rounds} interleaved rounds; speed-up vs {reference_name})")
     for name, ms in timings.items():
-        ratio = reference / ms
-        print(f"  {name:<44} {ms:9.2f} ms  {ratio:5.2f}x")
-        results.append({"case": title, "model": name, "median_ms": ms, "speedup_vs_reference": ratio, "batch": batch})
+        row = {"case": title, "model": name, "median_ms": ms, "speedup_vs_reference": reference / ms, "batch": batch}
+        line = f"  {name:<44} {ms:9.2f} ms  {reference / ms:5.2f}x"
+        if floor is not None:
+            row["fraction_of_floor"] = floor / ms
+            line += f"  {floor / ms:4.0%} of floor"
+        print(line)
+        results.append(row)
+
+
+def check_targets(results: list[dict]) -> list[str]:
+    """The targets of docs/performance.md, each with this run's figure and whether it was met."""
+    speedup = {(row["case"], row["model"]): row["speedup_vs_reference"] for row in results}
+    lines: list[str] = []
+
+    def target(label: str, value: float | None, goal: float, at_most: bool = False) -> None:
+        if value is not None:
+            met = value <= goal if at_most else value >= goal
+            relation = "<=" if at_most else ">="
+            lines.append(f"  {'met    ' if met else 'NOT met'}  {label}: {value:.2f} (goal {relation} {goal:g})")
+
+    for batch, goal in ((1, 1.8), (8, 2.0)):
+        case = f"classifier 224x224 batch {batch}"
+        if (case, REFERENCE) not in speedup:
+            continue
+        fast = max(speedup[case, m] for m in ("ours fast path", "ours fast path + compile") if (case, m) in speedup)
+        target(f"batch {batch}: fast path (best of eager, compiled) speed-up vs transformers eager", fast, goal)
+        for peer in ("timm mobilenetv1_100", "torchvision mobilenet_v2"):
+            if (case, peer) in speedup:
+                target(f"batch {batch}: fast path speed / {peer} speed", fast / speedup[case, peer], 1.0)
+        target(f"batch {batch}: ours eager speed-up vs transformers eager", speedup.get((case, "ours eager")), 1.0)
+        if batch == 1:
+            target("batch 1: int8 speed-up vs transformers eager", speedup.get((case, "ours int8")), 3.0)
+    ssd = speedup.get(("SSDLite 320x320 batch 1 (inference)", "ours ssdlite320_mobilenet_v1"))
+    if ssd is not None:
+        target("SSDLite batch 1: our time / torchvision ssdlite320_mobilenet_v3_large's", 1 / ssd, 1.3, at_most=True)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, no torch.compile case")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 30, quick 8)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5, quick 2)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, no torch.compile case")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per group (default 30, quick 8)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs of each case first (default 5, quick 2)")
     parser.add_argument("--skip-detection", action="store_true", help="leave out the SSDLite rows")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="add CUDA float16/bfloat16 cases")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results.json", help="JSON output")
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (8 if args.quick else 30)
+    args.rounds = args.rounds or (8 if args.quick else 30)
     args.warmup = args.warmup or (2 if args.quick else 5)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results: list[dict] = []
     skipped: list[str] = []
-    rate = matmul_gflops(args.repeats)
-    floor_ms = GFLOP_PER_IMAGE / rate * 1000
-    machine = f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}"
-    print(f"machine: {machine}\nmatrix-product rate: {rate:.1f} GFLOP/s -> floor {floor_ms:.1f} ms per 224x224 image")
+    machine = describe_machine(args.threads)
+    rate = matmul_gflops(args.rounds)
+    args.floor_ms = GFLOP_PER_IMAGE / rate * 1000
+    print(f"machine: {machine}")
+    print(f"matrix-product rate: {rate:.1f} GFLOP/s -> floor {args.floor_ms:.1f} ms per 224x224 image")
     classifier_cases(args, results, skipped)
     backbone_cases(args, results)
     if not args.skip_detection:
@@ -226,25 +312,25 @@ def main(argv: list[str] | None = None) -> int:
             cuda_cases(args, results)
         else:
             skipped.append("cuda: not available")
-    for row in results:
-        if row["case"].startswith("classifier"):
-            row["fraction_of_floor"] = floor_ms * row["batch"] / row["median_ms"]
+    rate_after = matmul_gflops(args.rounds)
+    print(f"\nmatrix-product rate at the end: {rate_after:.1f} GFLOP/s (start {rate:.1f})")
+    targets = check_targets(results)
+    if targets:
+        print("\ntargets (docs/performance.md):\n" + "\n".join(targets))
     for reason in skipped:
         print(f"skipped {reason}")
-    args.output.write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "matmul_gflops": rate,
-                "floor_ms_per_image": floor_ms,
-                "results": results,
-                "skipped": skipped,
-                "quick": args.quick,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    report = {
+        "machine": machine,
+        "matmul_gflops": rate,
+        "matmul_gflops_end": rate_after,
+        "floor_ms_per_image": args.floor_ms,
+        "results": results,
+        "targets": targets,
+        "skipped": skipped,
+        "quick": args.quick,
+        "rounds": args.rounds,
+    }
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.output}")
     return 0
 
