@@ -19,9 +19,11 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.ssdlite import SSDLiteHead
@@ -35,6 +37,8 @@ from .layers import FrozenBatchNorm2d
 __all__ = [
     "MobileNetV1FPN",
     "SSDLiteFeatureExtractor",
+    "SSDNetwork",
+    "decode_ssd",
     "fasterrcnn_mobilenet_v1_fpn",
     "fcos_mobilenet_v1_fpn",
     "maskrcnn_mobilenet_v1_fpn",
@@ -177,6 +181,60 @@ def ssdlite320_mobilenet_v1(
         depth_multiplier=depth_multiplier,
         **kwargs,
     )
+
+
+class SSDNetwork(nn.Module):
+    """The part of a torchvision `SSD` that exports: normalisation, backbone, head and anchors, at one size.
+
+    `torch.export` and ONNX cannot follow SSD's post-processing (score thresholds and NMS give sizes that
+    depend on the data), so a deployment runs this network in its runtime and decodes after it, with
+    `decode_ssd` or its own NMS. The input is (B, 3, H, W) in [0, 1] already resized to `size`, which is
+    all SSD's transform does besides normalising (it resizes every image to its fixed size).
+
+    Returns (box_regression (B, A, 4), class_logits (B, A, num_classes), anchors (A, 4) as x1, y1, x2, y2
+    in input pixels).
+    """
+
+    def __init__(self, model: SSD) -> None:
+        super().__init__()
+        transform = model.transform
+        if transform.fixed_size is None:
+            raise ValueError("SSDNetwork needs an SSD with a fixed input size")
+        self.size: tuple[int, int] = (int(transform.fixed_size[0]), int(transform.fixed_size[1]))
+        self.register_buffer("image_mean", torch.tensor(transform.image_mean).reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(transform.image_std).reshape(1, -1, 1, 1), persistent=False)
+        self.backbone = model.backbone
+        self.head = model.head
+        self.anchor_generator = model.anchor_generator
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if images.dim() != 4 or tuple(images.shape[-2:]) != self.size:
+            raise ValueError(f"expected (B, 3, {self.size[0]}, {self.size[1]}) images, got {tuple(images.shape)}")
+        features = list(self.backbone((images - self.image_mean) / self.image_std).values())
+        head_outputs = self.head(features)
+        anchors = self.anchor_generator(ImageList(images[:1], [self.size]), features)[0]
+        return head_outputs["bbox_regression"], head_outputs["cls_logits"], anchors
+
+
+def decode_ssd(
+    model: SSD,
+    box_regression: Tensor,
+    class_logits: Tensor,
+    anchors: Tensor,
+    original_sizes: Sequence[tuple[int, int]] | None = None,
+) -> list[dict[str, Tensor]]:
+    """Detections from `SSDNetwork`'s outputs, exactly as `model(images)` gives them: boxes decoded from the
+    anchors, per-class score threshold, top-k and NMS with the model's settings, then (with
+    `original_sizes`, one (H, W) per image) scaled from the network's input size to the original images."""
+    size = (int(model.transform.fixed_size[0]), int(model.transform.fixed_size[1]))
+    batch = box_regression.shape[0]
+    head_outputs = {"bbox_regression": box_regression, "cls_logits": class_logits}
+    detections = model.postprocess_detections(head_outputs, [anchors] * batch, [size] * batch)
+    if original_sizes is not None:
+        if len(original_sizes) != batch:
+            raise ValueError(f"got {len(original_sizes)} original sizes for {batch} images")
+        detections = model.transform.postprocess(detections, [size] * batch, [tuple(s) for s in original_sizes])
+    return detections
 
 
 # --- FPN family --------------------------------------------------------------------------------------

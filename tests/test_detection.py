@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import randomize
+from PIL import Image
+from torchvision.transforms.v2.functional import resize
 
 from mnv1_backbone import MobileNetV1Backbone, MobileNetV1Config, MobileNetV1ForImageClassification
 from mnv1_backbone import detection as det
 from mnv1_backbone.layers import FrozenBatchNorm2d
+from mnv1_backbone.pretrained import find_bundled_frozen_graph
+
+DATA = Path(__file__).parent / "data"
 
 BUILDERS = {
     "ssdlite": det.ssdlite320_mobilenet_v1,
@@ -281,3 +288,49 @@ def test_weights_backbone_accepts_a_tf_checkpoint() -> None:
     torch.testing.assert_close(
         _backbone(model).layer[0].convolution.weight, classifier.mobilenet_v1.layer[0].convolution.weight
     )
+
+
+def test_ssd_network_decodes_exactly_like_the_detector() -> None:
+    """SSDNetwork (the exportable part) + decode_ssd give model(images), bit for bit."""
+    model = randomize(det.ssdlite320_mobilenet_v1(num_classes=5, depth_multiplier=0.25), seed=1)
+    images = [torch.rand(3, 320, 320, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    network = det.SSDNetwork(model).eval()
+    with torch.no_grad():
+        expected = model(images)
+        box_regression, class_logits, anchors = network(torch.stack(images))
+    assert box_regression.shape == (2, anchors.shape[0], 4) and class_logits.shape == (2, anchors.shape[0], 5)
+    got = det.decode_ssd(model, box_regression, class_logits, anchors)
+    scaled = det.decode_ssd(model, box_regression, class_logits, anchors, original_sizes=[(640, 480), (320, 320)])
+    for got_image, expected_image in zip(got, expected, strict=True):
+        assert len(expected_image["boxes"]) > 0
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(got_image[key], expected_image[key]), key
+    torch.testing.assert_close(scaled[0]["boxes"], got[0]["boxes"] * torch.tensor([1.5, 2.0, 1.5, 2.0]))
+    with pytest.raises(ValueError, match=r"expected \(B, 3, 320, 320\) images, got \(1, 3, 300, 300\)"):
+        network(torch.rand(1, 3, 300, 300))
+    with pytest.raises(ValueError, match="got 1 original sizes for 2 images"):
+        det.decode_ssd(model, box_regression, class_logits, anchors, original_sizes=[(1, 1)])
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.skipif(find_bundled_frozen_graph() is None, reason="needs the real weights (nudity wheel)")
+def test_ssd_network_exports_to_torch_export_and_onnx(tmp_path) -> None:
+    """torch.export and ONNX (checked with onnxruntime) of SSDLite's network, on a real photo."""
+    model = det.ssdlite320_mobilenet_v1(num_classes=91, weights_backbone=find_bundled_frozen_graph()).eval()
+    network = det.SSDNetwork(model).eval()
+    photo = torch.from_numpy(np.asarray(Image.open(DATA / "chelsea.png").convert("RGB"))).permute(2, 0, 1)
+    x = resize(photo, [320, 320], antialias=True)[None].float() / 255
+    with torch.no_grad():
+        expected = network(x)
+    exported = torch.export.export(network, (x,))
+    with torch.no_grad():
+        for got, want in zip(exported.module()(x), expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    onnxruntime = pytest.importorskip("onnxruntime")
+    path = tmp_path / "ssdlite.onnx"
+    names = ["box_regression", "class_logits", "anchors"]
+    torch.onnx.export(network, (x,), path, dynamo=True, external_data=False, input_names=["images"], output_names=names)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"images": x.numpy()})
+    for got, want in zip(outputs, expected, strict=True):
+        assert float((torch.from_numpy(got) - want).abs().max()) <= 1e-4
