@@ -14,8 +14,8 @@ Cases: classifier at 224x224, batch 1 and 8 (ours eager / fast path / fast path 
 int8, transformers, timm `mobilenetv1_100`, torchvision `mobilenet_v2` and `mobilenet_v3_large`);
 the backbone's (5, 11, 13) features at 320x320; SSDLite-MobileNetV1 against torchvision's
 `ssdlite320_mobilenet_v3_large` at batch 1, and one training step of each at batch 4. The compute
-floor is the classifier's 1.14 GFLOP per image at the best dense matrix-product rate measured in the
-run.
+floor is the classifier's 1.14 GFLOP per image at the dense matrix-product rate measured at the start
+(the best of three sizes); the rate is measured again at the end to show drift.
 """
 
 from __future__ import annotations

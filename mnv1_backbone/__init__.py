@@ -9,6 +9,7 @@ from .classification import ClassifierOutput, MobileNetV1ForImageClassification,
 from .config import MobileNetV1Config
 from .errors import StateDictMismatchError, WeightsFormatError
 from .image_processing import MobileNetV1ImageProcessor, post_process_image_classification
+from .inference import optimize_for_inference, quantize_int8
 from .labels import imagenet_id2label, imagenet_labels
 
 __version__ = "0.1.0"
@@ -27,5 +28,7 @@ __all__ = [
     "__version__",
     "imagenet_id2label",
     "imagenet_labels",
+    "optimize_for_inference",
     "post_process_image_classification",
+    "quantize_int8",
 ]
