@@ -23,6 +23,8 @@ from torch import nn
 
 # The package's writer: temporary file beside the destination, fsync, then os.replace.
 from mnv1_backbone._io import atomic_write
+from mnv1_backbone.errors import WeightsFormatError
+from mnv1_backbone.weights import torch_load_weights_only
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -87,9 +89,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        # weights_only: a checkpoint never needs to run code to load.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt files
+        # weights_only, zip format only: a checkpoint never needs to run code, nor to trust declared sizes.
+        checkpoint = torch_load_weights_only(path)
+    except WeightsFormatError as error:
         raise ValueError(f"{path} is not a readable checkpoint: {error}") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a detection_demo checkpoint (got {type(checkpoint).__name__})")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import PIL.Image
+import PIL.ImageOps
 import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as F
@@ -109,8 +110,8 @@ def predict_images(
     written: list[Path] = []
     report: dict[str, list[dict[str, Any]]] = {}
     for path in collect_images(images):
-        with PIL.Image.open(path) as file:
-            image = F.pil_to_tensor(file.convert("RGB"))
+        with PIL.Image.open(path) as file:  # upright, as the EXIF orientation tag says (phone photos)
+            image = F.pil_to_tensor(PIL.ImageOps.exif_transpose(file).convert("RGB"))
         detection = model([F.to_dtype(image, torch.float32, scale=True).to(device)])[0]
         drawn, found = draw_detections(image, detection, list(categories), score_threshold)
         target = out / f"{path.stem}.png"

@@ -342,8 +342,9 @@ def _error_line(error: BaseException) -> str:
 # Shared helpers: images and weights
 # --------------------------------------------------------------------------------------------------------------
 def _read_image(path: str) -> Any:
-    """Open an image file fully (so a truncated file fails here, not later), as an RGB-convertible PIL image."""
-    from PIL import Image, UnidentifiedImageError
+    """Open an image file fully (so a truncated file fails here, not later), upright as its EXIF orientation tag
+    says (as transformers' `load_image` does for its pipelines), as an RGB-convertible PIL image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     file = Path(path)
     if not file.exists():
@@ -353,9 +354,11 @@ def _read_image(path: str) -> Any:
     try:
         with Image.open(file) as image:
             image.load()
-            return image.copy()
+            return ImageOps.exif_transpose(image)  # a copy, turned when the tag asks for it
     except UnidentifiedImageError:
         raise CLIError(f"{file} is not an image file Pillow can read") from None
+    except Image.DecompressionBombError as error:  # Pillow's guard against huge images, before decoding
+        raise CLIError(f"refusing {file}: {error}") from None
     except (OSError, ValueError) as error:
         raise CLIError(f"cannot read image {file}: {' '.join(str(error).split())}") from None
 

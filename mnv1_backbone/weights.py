@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -27,6 +28,7 @@ __all__ = [
     "load_any",
     "load_checkpoint",
     "load_state_dict_file",
+    "torch_load_weights_only",
     "load_state_dict_strict",
     "load_tf",
     "save_checkpoint",
@@ -57,6 +59,19 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise WeightsFormatError(f"{path} is not a readable safetensors file: {err}") from None
+    state_dict = torch_load_weights_only(path)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise WeightsFormatError(f"{path} does not hold a state dict of tensors")
+    return state_dict
+
+
+def torch_load_weights_only(path: str | os.PathLike) -> Any:
+    """`torch.load(path, weights_only=True)` for files from outside: zip format only, errors that name the file.
+
+    Raises `WeightsFormatError` for the legacy format, corrupt files and pickles that ask to run code (without
+    torch's advice to retry with weights_only=False, which for a hostile file means running it).
+    """
+    path = Path(path)
     with open(path, "rb") as handle:
         magic = handle.read(4)
     if magic != _ZIP_MAGIC:
@@ -70,15 +85,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             "checking them. Re-save it with a current torch, or better, as safetensors"
         )
     try:
-        # weights_only: never run code from a pickle; a malicious .bin is refused, not executed.
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: never run code from a pickle; a malicious file is refused, not executed.
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or hostile pickles
         raise WeightsFormatError(
             f"{path} could not be read as a weights-only PyTorch file: {_torch_load_reason(err)}"
         ) from None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
-        raise WeightsFormatError(f"{path} does not hold a state dict of tensors")
-    return state_dict
 
 
 def _torch_load_reason(error: Exception) -> str:

@@ -254,3 +254,21 @@ def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert "checkpoint not found" in capsys.readouterr().err
     assert main(["train", "--output", str(tmp_path)]) == 1
     assert "--data-root" in capsys.readouterr().err
+
+
+def test_checkpoint_loading_refuses_code_and_the_legacy_format(tmp_path: Path) -> None:
+    """Demo checkpoints are read like weights files: weights-only pickles in torch's zip format, clear errors."""
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"model": Payload()}, hostile)
+    with pytest.raises(ValueError, match="hostile.pt is not a readable checkpoint: .*its pickle was refused") as info:
+        checkpoint_io.load_checkpoint(hostile)
+    assert "weights_only=False" not in str(info.value)  # torch's advice would run the code
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"model": {}}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="legacy.pt is not a readable checkpoint: .*not in torch's zip format"):
+        checkpoint_io.load_checkpoint(legacy)

@@ -11,8 +11,8 @@ What is guaranteed (docs/robustness.md):
 - EXIF orientation is *not* applied by the processor, as HF's image processors do not apply it either: they take
   pixels, and only ``transformers.image_utils.load_image`` (what HF pipelines call on a path) runs
   ``ImageOps.exif_transpose``. Callers who want upright pixels call ``ImageOps.exif_transpose`` first. The
-  ``classify`` command reads files, so it should behave like ``load_image``; see
-  `test_cli_applies_exif_orientation`.
+  ``classify`` command reads files, so it behaves like ``load_image`` and turns them upright
+  (`test_cli_applies_exif_orientation`).
 - 16-bit images are refused with a ValueError (converting them to RGB would clip, not scale); truncated files
   give a ValueError naming the image; non-finite float pixels give a ValueError naming NaN or infinity.
 - A 12000x12000 image is processed with peak memory bounded by a constant per pixel (about 11 bytes measured);
@@ -342,10 +342,18 @@ def test_cli_classifies_odd_images(cli_results) -> None:
     assert len(tiny) == 5 and 0 < sum(p["probability"] for p in tiny) <= 1 + 1e-6
 
 
-@pytest.mark.xfail(reason="`mnv1 classify` reads files without ImageOps.exif_transpose (unlike HF's load_image, "
-                          "which its pipelines use); reported to the CLI's author", strict=False)
 def test_cli_applies_exif_orientation(cli_results) -> None:
+    """`mnv1 classify` reads files as transformers' load_image does: upright, as the EXIF tag says."""
     assert cli_results["exif_rotated.jpg"] == cli_results["exif_upright_pixels.png"]
+
+
+def test_cli_refuses_a_decompression_bomb_in_one_line(odd_files, capsys) -> None:
+    from mnv1_backbone import cli
+
+    assert cli.main(["classify", str(odd_files["bomb.png"]), "--weights", "unused"]) == 1
+    error = capsys.readouterr().err
+    assert error.strip().count("\n") == 0 and "Traceback" not in error
+    assert "bomb.png" in error and "2500000000 pixels" in error
 
 
 def test_cli_truncated_jpeg_is_one_line_error(odd_files) -> None:

@@ -163,3 +163,18 @@ def test_writes_are_atomic(tmp_path, monkeypatch) -> None:
         ours.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_write_removes_the_temporary_files_of_killed_writers(tmp_path) -> None:
+    from mnv1_backbone._io import atomic_write
+
+    target = tmp_path / "model.safetensors"
+    dead = tmp_path / ".model.safetensors.999999999.k3x9.tmp"  # beyond any pid_max: no such process
+    alive = tmp_path / f".model.safetensors.{os.getppid()}.a1b2.tmp"  # a live writer's file stays
+    mine = tmp_path / f".model.safetensors.{os.getpid()}.c3d4.tmp"  # so does one of this process
+    other = tmp_path / ".other.safetensors.999999999.e5f6.tmp"  # another target's file is not ours to touch
+    for file in (dead, alive, mine, other):
+        file.write_bytes(b"partial")
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"whole"))
+    assert target.read_bytes() == b"whole"
+    assert not dead.exists() and alive.exists() and mine.exists() and other.exists()
