@@ -26,7 +26,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["CLIError", "LayerRow", "build_parser", "layer_table", "main"]
 
@@ -76,14 +76,31 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_Value = TypeVar("_Value", int, float)
+
+
+def _checked(
+    convert: Callable[[str], _Value], is_valid: Callable[[_Value], bool], expected: str
+) -> Callable[[str], _Value]:
+    """An argparse `type` that converts the text, then checks the value; both failures name what was expected."""
+
+    def parse(text: str) -> _Value:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not is_valid(value):  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
+_nonnegative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
+_block_index = _checked(int, lambda value: 0 <= value <= 13, "a block number in [0, 13]")
+_probability = _checked(float, lambda value: 0.0 <= value <= 1.0, "a number in [0, 1]")
+_positive_float = _checked(float, lambda value: math.isfinite(value) and value > 0, "a positive number")
 
 
 def _image_side(text: str) -> int:
@@ -93,44 +110,18 @@ def _image_side(text: str) -> int:
     return value
 
 
-def _block_index(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a block number in [0, 13], got {text!r}") from None
-    if not 0 <= value <= 13:
-        raise argparse.ArgumentTypeError(f"expected a block number in [0, 13], got {value}")
-    return value
+# Options several subcommands share: defined once so their type, default and metavar cannot drift apart; each
+# subcommand words the help for its own use.
+def _add_weights_option(parser: argparse.ArgumentParser, help_text: str = WEIGHTS_HELP) -> None:
+    parser.add_argument("--weights", required=True, metavar="PATH", help=help_text)
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
+def _add_out_indices_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--out-indices", nargs="+", type=_block_index, default=[5, 11, 13], metavar="K", help=help_text)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+def _add_output_stride_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--output-stride", type=int, choices=_OUTPUT_STRIDES, default=32, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  mnv1 classify cat.png --weights mobilenet_v1_1.0_224_frozen.pb --top-k 3 --json",
     )
     sub.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
-    sub.add_argument("--weights", required=True, metavar="PATH", help=WEIGHTS_HELP)
+    _add_weights_option(sub)
     sub.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
                      help="how many of the most probable classes to show per image")
     sub.add_argument("--json", action="store_true",
@@ -191,12 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         "  mnv1 features cat.png --weights frozen.pb --out-indices 11 13 --output-stride 16 --save maps.safetensors",
     )
     sub.add_argument("image", metavar="IMAGE", help="an image file (any format Pillow reads)")
-    sub.add_argument("--weights", required=True, metavar="PATH", help=WEIGHTS_HELP + "; only the trunk is used")
-    sub.add_argument("--out-indices", nargs="+", type=_block_index, default=[5, 11, 13], metavar="K",
-                     help="increasing block numbers in [0, 13] whose outputs to return")
-    sub.add_argument("--output-stride", type=int, choices=_OUTPUT_STRIDES, default=32,
-                     help="total stride of the deepest map; 16 or 8 dilate the last blocks instead of striding "
-                     "(as TF-slim)")
+    _add_weights_option(sub, WEIGHTS_HELP + "; only the trunk is used")
+    _add_out_indices_option(sub, "increasing block numbers in [0, 13] whose outputs to return")
+    _add_output_stride_option(
+        sub, "total stride of the deepest map; 16 or 8 dilate the last blocks instead of striding (as TF-slim)"
+    )
     sub.add_argument("--resize", type=_image_side, metavar="SHORT",
                      help="resize so the short side is SHORT pixels and keep the whole image (no center crop), "
                      "instead of the checkpoint's preprocessing")
@@ -262,14 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
         "  mnv1 export --weights frozen.pb --format exported-program backbone.pt2 --model backbone --dynamic",
     )
     sub.add_argument("out", metavar="OUT", help="the file to write (.onnx, .pt, .pt2)")
-    sub.add_argument("--weights", required=True, metavar="PATH", help=WEIGHTS_HELP)
+    _add_weights_option(sub)
     sub.add_argument("--format", required=True, choices=_EXPORT_FORMATS, help="the export format")
     sub.add_argument("--model", choices=("classifier", "backbone"), default="classifier",
                      help="export the whole classifier (logits) or the backbone (feature maps)")
-    sub.add_argument("--out-indices", nargs="+", type=_block_index, default=[5, 11, 13], metavar="K",
-                     help="backbone only: the blocks whose outputs to return")
-    sub.add_argument("--output-stride", type=int, choices=_OUTPUT_STRIDES, default=32,
-                     help="backbone only: total stride of the deepest map (dilation as TF-slim)")
+    _add_out_indices_option(sub, "backbone only: the blocks whose outputs to return")
+    _add_output_stride_option(sub, "backbone only: total stride of the deepest map (dilation as TF-slim)")
     sub.add_argument("--image-size", type=_image_side, metavar="N",
                      help="side of the square example input (default: the checkpoint's image_size, 224 for Google's)")
     sub.add_argument("--batch-size", type=_positive_int, default=1, metavar="B", help="batch of the example input")
@@ -294,8 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--depth-multiplier", "--alpha", type=_positive_float, default=1.0, metavar="A",
                      help="width multiplier alpha: channels are max(int(c * A), min_depth)")
     sub.add_argument("--resolution", type=_image_side, default=224, metavar="R", help="side of the square input")
-    sub.add_argument("--output-stride", type=int, choices=_OUTPUT_STRIDES, default=32,
-                     help="total stride of the last block (dilation as TF-slim)")
+    _add_output_stride_option(sub, "total stride of the last block (dilation as TF-slim)")
     sub.add_argument("--min-depth", type=_positive_int, default=8, metavar="D", help="fewest channels of any layer")
     sub.add_argument("--num-labels", type=_nonnegative_int, default=1001, metavar="N",
                      help="classifier outputs (Google's checkpoints: 1001); 0 for the bare network without "

@@ -354,15 +354,10 @@ def fasterrcnn_mobilenet_v1_fpn(
 
     Arguments as `ssdlite_mobilenet_v1`; `**kwargs` go to `torchvision.models.detection.FasterRCNN`.
     """
-    _validate_num_classes(num_classes)
-    backbone = _fpn_detector_backbone(
-        weights_backbone, trainable_backbone_layers, depth_multiplier, LastLevelMaxPool(), out_indices
+    return _build_rcnn(
+        FasterRCNN, weights, weights_backbone, num_classes, trainable_backbone_layers, depth_multiplier, out_indices,
+        kwargs,
     )
-    sizes = _anchor_sizes(backbone.strides, 1)
-    kwargs.setdefault("rpn_anchor_generator", AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes)))
-    kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(_roi_levels(out_indices), output_size=7, sampling_ratio=2))
-    model = FasterRCNN(backbone, num_classes, **_fpn_defaults(kwargs))
-    return _load_detector_weights(model, weights)
 
 
 def maskrcnn_mobilenet_v1_fpn(
@@ -376,16 +371,32 @@ def maskrcnn_mobilenet_v1_fpn(
     **kwargs: Any,
 ) -> MaskRCNN:
     """Mask R-CNN on MobileNetV1 + FPN; as `fasterrcnn_mobilenet_v1_fpn`, plus a 14x14 mask RoI pooler."""
+    kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(_roi_levels(out_indices), output_size=14, sampling_ratio=2))
+    return _build_rcnn(
+        MaskRCNN, weights, weights_backbone, num_classes, trainable_backbone_layers, depth_multiplier, out_indices,
+        kwargs,
+    )
+
+
+def _build_rcnn(
+    detector: type[FasterRCNN],
+    weights: WeightsPath,
+    weights_backbone: WeightsPath,
+    num_classes: int,
+    trainable_backbone_layers: int | None,
+    depth_multiplier: float | None,
+    out_indices: Sequence[int],
+    kwargs: dict[str, Any],
+) -> FasterRCNN:
+    """Faster or Mask R-CNN: anchors 4x each level's stride with three ratios, 7x7 box RoIs over the taps."""
     _validate_num_classes(num_classes)
     backbone = _fpn_detector_backbone(
         weights_backbone, trainable_backbone_layers, depth_multiplier, LastLevelMaxPool(), out_indices
     )
     sizes = _anchor_sizes(backbone.strides, 1)
-    levels = _roi_levels(out_indices)
     kwargs.setdefault("rpn_anchor_generator", AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes)))
-    kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2))
-    kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2))
-    model = MaskRCNN(backbone, num_classes, **_fpn_defaults(kwargs))
+    kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(_roi_levels(out_indices), output_size=7, sampling_ratio=2))
+    model = detector(backbone, num_classes, **_fpn_defaults(kwargs))
     return _load_detector_weights(model, weights)
 
 

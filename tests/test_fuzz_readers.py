@@ -40,6 +40,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import encode_table, varint
+from conftest import field_bytes as f_bytes
+from conftest import field_fixed32 as f_fixed32
+from conftest import field_varint as f_varint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -103,31 +107,9 @@ def _write_files(directory: Path, files: dict[str, bytes]) -> None:
 
 
 # =============================================================================================================
-# Encoders: protobuf wire format, TF's SSTable, GraphDef and BundleEntryProto
+# Encoders: GraphDef and BundleEntryProto, on conftest's protobuf and SSTable writers (imported as short f_* names
+# so the hand-built protos below stay on one line)
 # =============================================================================================================
-def varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative ints go on the wire as 64-bit two's complement, as protobuf sends them
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def f_varint(number: int, value: int) -> bytes:
-    return varint(number << 3) + varint(value)
-
-
-def f_bytes(number: int, payload: bytes) -> bytes:
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
-
-
-def f_fixed32(number: int, value: int) -> bytes:
-    return varint(number << 3 | 5) + struct.pack("<I", value & 0xFFFF_FFFF)
-
-
 def shape_proto(dims: list[int], unknown_rank: bool = False) -> bytes:
     out = b"".join(f_bytes(2, f_varint(1, d)) for d in dims)
     return out + (f_varint(3, 1) if unknown_rank else b"")
@@ -144,58 +126,6 @@ def const_node(name: bytes, tensor: bytes, dtype: int | None) -> bytes:
     if dtype is not None:
         attrs[b"dtype"] = f_varint(6, dtype)
     return graph_node(name, b"Const", attrs)
-
-
-def encode_block(entries: list[tuple[bytes, bytes]], restart_interval: int = 16) -> bytes:
-    """One LevelDB block: prefix-compressed entries, then the restart offsets and their count."""
-    out = bytearray()
-    restarts: list[int] = []
-    previous = b""
-    for i, (key, value) in enumerate(entries):
-        shared = 0
-        if i % restart_interval == 0:
-            restarts.append(len(out))
-        else:
-            while shared < min(len(key), len(previous)) and key[shared] == previous[shared]:
-                shared += 1
-        out += varint(shared) + varint(len(key) - shared) + varint(len(value)) + key[shared:] + value
-        previous = key
-    for offset in restarts or [0]:
-        out += struct.pack("<I", offset)
-    return bytes(out + struct.pack("<I", len(restarts or [0])))
-
-
-def encode_table(
-    entries: list[tuple[bytes, bytes]],
-    *,
-    block_entries: int = 1000,
-    restart_interval: int = 16,
-    compression: int = 0,
-    mutate_block: Callable[[int, bytes], bytes] | None = None,
-) -> bytes:
-    """A checkpoint ``.index`` (SSTable) holding ``entries``; ``mutate_block(i, contents)`` may corrupt block ``i``
-    before its checksum is computed, so the corruption reaches the parser instead of failing the checksum."""
-    data = bytearray()
-    counter = 0
-
-    def put(contents: bytes, block_type: int) -> bytes:
-        nonlocal counter
-        if mutate_block is not None:
-            contents = mutate_block(counter, contents)
-        counter += 1
-        offset = len(data)
-        typed = contents + bytes([block_type])
-        data.extend(typed + struct.pack("<I", mask_crc32c(crc32c(typed))))
-        return varint(offset) + varint(len(contents))
-
-    index = []
-    for start in range(0, len(entries), block_entries):
-        chunk = entries[start : start + block_entries]
-        index.append((chunk[-1][0], put(encode_block(chunk, restart_interval), compression)))
-    metaindex = put(encode_block([]), 0)
-    index_handle = put(encode_block(index, 1), 0)
-    footer = (metaindex + index_handle).ljust(40, b"\0") + struct.pack("<Q", 0xDB4775248B80FB57)
-    return bytes(data) + footer
 
 
 def bundle_entry(

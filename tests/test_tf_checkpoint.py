@@ -4,7 +4,7 @@ The fixtures in ``tests/fixtures/tf_slim/`` were written by real TensorFlow (2.2
 ``tools/make_tf_fixtures.py``: a two-shard checkpoint of a width-0.25 MobileNetV1 (EMA shadows, RMSProp slots,
 global_step), a small quantization-aware-style checkpoint and frozen graph, and TensorFlow's own forward outputs.
 Damaged and unusual checkpoints (missing tensors, compressed blocks, unknown dtypes, big-endian data) are built
-from those files, or from scratch, with the small table writer below.
+from those files, or from scratch, with conftest's table writer.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import encode_table, field_bytes, field_fixed32, field_varint
 
 from mnv1_backbone import MobileNetV1Backbone, MobileNetV1ForImageClassification, StateDictMismatchError
 from mnv1_backbone.convert import (
@@ -82,74 +82,8 @@ def raw_model() -> MobileNetV1ForImageClassification:
 
 
 # ---------------------------------------------------------------------------------------------
-# A small writer for the same format (tables, BundleHeaderProto, BundleEntryProto).
+# A small writer for the same format (BundleHeaderProto, BundleEntryProto; the tables are conftest's).
 # ---------------------------------------------------------------------------------------------
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def field_varint(number: int, value: int) -> bytes:
-    return varint(number << 3) + varint(value)
-
-
-def field_bytes(number: int, payload: bytes) -> bytes:
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
-
-
-def field_fixed32(number: int, value: int) -> bytes:
-    return varint(number << 3 | 5) + struct.pack("<I", value)
-
-
-def encode_block(entries: list[tuple[bytes, bytes]], restart_interval: int = 16) -> bytes:
-    out = bytearray()
-    restarts: list[int] = []
-    previous = b""
-    for i, (key, value) in enumerate(entries):
-        shared = 0
-        if i % restart_interval == 0:
-            restarts.append(len(out))
-        else:
-            while shared < min(len(key), len(previous)) and key[shared] == previous[shared]:
-                shared += 1
-        out += varint(shared) + varint(len(key) - shared) + varint(len(value)) + key[shared:] + value
-        previous = key
-    for offset in restarts or [0]:
-        out += struct.pack("<I", offset)
-    return bytes(out + struct.pack("<I", len(restarts or [0])))
-
-
-def write_table(
-    path: Path,
-    entries: list[tuple[bytes, bytes]],
-    *,
-    block_entries: int = 1000,
-    restart_interval: int = 16,
-    compression: int = 0,
-) -> None:
-    data = bytearray()
-
-    def put(contents: bytes, block_type: int) -> bytes:
-        offset = len(data)
-        trailer_type = bytes([block_type])
-        data.extend(contents + trailer_type + struct.pack("<I", mask_crc32c(crc32c(contents + trailer_type))))
-        return varint(offset) + varint(len(contents))
-
-    index = []
-    for start in range(0, len(entries), block_entries):
-        chunk = entries[start : start + block_entries]
-        index.append((chunk[-1][0], put(encode_block(chunk, restart_interval), compression)))
-    metaindex = put(encode_block([]), 0)
-    index_handle = put(encode_block(index, 1), 0)
-    footer = (metaindex + index_handle).ljust(40, b"\0") + struct.pack("<Q", 0xDB4775248B80FB57)
-    path.write_bytes(bytes(data) + footer)
-
-
 _DTYPE_CODES = {np.dtype("float32"): 1, np.dtype("float64"): 2, np.dtype("int32"): 3, np.dtype("int64"): 9}
 
 
@@ -183,7 +117,8 @@ def write_checkpoint(
         )
         shards[shard] += raw
     header = field_varint(1, num_shards) + field_varint(2, int(big_endian)) + field_bytes(3, field_varint(1, 1))
-    write_table(prefix.with_name(prefix.name + ".index"), [(b"", header), *sorted(entries)], **table_options)
+    index = encode_table([(b"", header), *sorted(entries)], **table_options)
+    prefix.with_name(prefix.name + ".index").write_bytes(index)
     for shard, data in enumerate(shards):
         prefix.with_name(f"{prefix.name}.data-{shard:05d}-of-{num_shards:05d}").write_bytes(bytes(data))
 
@@ -299,7 +234,7 @@ def test_checkpoint_missing_a_tensor(tmp_path: Path) -> None:
     index = prefix.with_name(prefix.name + ".index")
     dropped = "MobilenetV1/Conv2d_3_pointwise/weights"
     entries = [(k, v) for k, v in _read_table(index.read_bytes(), source="x") if not k.decode().startswith(dropped)]
-    write_table(index, entries)
+    index.write_bytes(encode_table(entries))
     with pytest.raises(StateDictMismatchError, match=dropped):
         MobileNetV1ForImageClassification.from_tf(prefix)
 

@@ -26,6 +26,7 @@ tensors (e.g. a TF2 object graph) are skipped with a log line when reading every
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -45,6 +46,7 @@ from mnv1_backbone.convert.protobuf import (
     iter_fields,
     read_varint,
 )
+from mnv1_backbone.convert.tf_types import MAX_ARRAY_BYTES, MAX_ARRAY_DIMS, NON_NUMERIC_DTYPES, array_span
 from mnv1_backbone.errors import WeightsFormatError
 
 __all__ = [
@@ -292,9 +294,6 @@ _HEADER_NUM_SHARDS, _HEADER_ENDIANNESS, _HEADER_VERSION = 1, 2, 3
 _VERSION_PRODUCER, _VERSION_MIN_CONSUMER, _VERSION_BAD_CONSUMERS = 1, 2, 3
 _ENTRY_DTYPE, _ENTRY_SHAPE, _ENTRY_SHARD, _ENTRY_OFFSET, _ENTRY_SIZE, _ENTRY_CRC, _ENTRY_SLICES = 1, 2, 3, 4, 5, 6, 7
 _SHAPE_DIM, _SHAPE_UNKNOWN_RANK, _DIM_SIZE = 2, 3, 1
-# numpy's limits (NPY_MAXDIMS, a byte size that fits in intp): beyond them numpy would raise its own ValueError.
-_MAX_ARRAY_DIMS = 64
-_MAX_ARRAY_BYTES = (1 << 63) - 1
 # The bundle format version this reader implements (kTensorBundleVersion).
 _BUNDLE_VERSION = 1
 
@@ -314,33 +313,12 @@ _NUMERIC_DTYPES: dict[int, tuple[str, str]] = {
     22: ("DT_UINT32", "u4"),
     23: ("DT_UINT64", "u8"),
 }
-# Valid TF dtypes that hold no plain numbers. Reading everything skips them (with a log line): checkpoints
-# hold e.g. string tensors that are not weights. Asking for one by name raises.
-_NON_NUMERIC_DTYPES: dict[int, str] = {
-    7: "DT_STRING",
-    8: "DT_COMPLEX64",
-    11: "DT_QINT8",
-    12: "DT_QUINT8",
-    13: "DT_QINT32",
-    15: "DT_QINT16",
-    16: "DT_QUINT16",
-    18: "DT_COMPLEX128",
-    20: "DT_RESOURCE",
-    21: "DT_VARIANT",
-    24: "DT_FLOAT8_E5M2",
-    25: "DT_FLOAT8_E4M3FN",
-    26: "DT_FLOAT8_E4M3FNUZ",
-    27: "DT_FLOAT8_E4M3B11FNUZ",
-    28: "DT_FLOAT8_E5M2FNUZ",
-    29: "DT_INT4",
-    30: "DT_UINT4",
-}
 
 
 def _dtype_name(code: int) -> str:
     if code in _NUMERIC_DTYPES:
         return _NUMERIC_DTYPES[code][0]
-    return _NON_NUMERIC_DTYPES.get(code, f"unknown dtype {code}")
+    return NON_NUMERIC_DTYPES.get(code, f"unknown dtype {code}")
 
 
 class CheckpointEntry(NamedTuple):
@@ -549,16 +527,13 @@ class TFCheckpoint:
             )
         dtype_name, storage = _NUMERIC_DTYPES[entry.dtype_code]
         dtype = np.dtype(storage).newbyteorder(">" if self.big_endian else "<")
-        if len(entry.shape) > _MAX_ARRAY_DIMS:
+        if len(entry.shape) > MAX_ARRAY_DIMS:
             raise WeightsFormatError(
-                f"{self.index_path}: {what} has {len(entry.shape)} dimensions; at most {_MAX_ARRAY_DIMS} are supported"
+                f"{self.index_path}: {what} has {len(entry.shape)} dimensions; at most {MAX_ARRAY_DIMS} are supported"
             )
-        count, span = 1, dtype.itemsize
-        for dim in entry.shape:
-            count *= dim
-            span *= max(dim, 1)  # numpy bounds the product of the non-zero dims even for an empty array
-        if span > _MAX_ARRAY_BYTES:
+        if array_span(entry.shape, dtype.itemsize) > MAX_ARRAY_BYTES:
             raise WeightsFormatError(f"{self.index_path}: {what} has shape {list(entry.shape)}, over 2**63 bytes")
+        count = math.prod(entry.shape)
         if count * dtype.itemsize != entry.size:
             raise WeightsFormatError(
                 f"{self.index_path}: {what} claims {entry.size} bytes, but {dtype_name} {list(entry.shape)} "
@@ -592,7 +567,7 @@ class TFCheckpoint:
         tensors: dict[str, np.ndarray] = {}
         skipped: list[str] = []
         for name, entry in self.entries.items():
-            if entry.dtype_code in _NON_NUMERIC_DTYPES and not entry.sliced:
+            if entry.dtype_code in NON_NUMERIC_DTYPES and not entry.sliced:
                 skipped.append(f"{name} ({entry.dtype})")
                 continue
             tensors[name] = self.read(name, verify=verify)

@@ -32,6 +32,7 @@ from mnv1_backbone.convert.protobuf import (
     repeated_fixed,
     repeated_varints,
 )
+from mnv1_backbone.convert.tf_types import MAX_ARRAY_BYTES, MAX_ARRAY_DIMS, NON_NUMERIC_DTYPES, array_span
 from mnv1_backbone.errors import WeightsFormatError
 
 __all__ = [
@@ -87,27 +88,6 @@ _NUMERIC_DTYPES: dict[int, _DType] = {
     22: _DType("DT_UINT32", "<u4", 16, "int"),
     23: _DType("DT_UINT64", "<u8", 17, "int"),
 }
-# Valid TF dtypes that hold no plain numbers (strings, complex, quantized, resource, variant, float8,
-# 4-bit ints): such Consts are skipped, not rejected, since real graphs contain e.g. string Consts.
-_SKIPPED_DTYPES: dict[int, str] = {
-    7: "DT_STRING",
-    8: "DT_COMPLEX64",
-    11: "DT_QINT8",
-    12: "DT_QUINT8",
-    13: "DT_QINT32",
-    15: "DT_QINT16",
-    16: "DT_QUINT16",
-    18: "DT_COMPLEX128",
-    20: "DT_RESOURCE",
-    21: "DT_VARIANT",
-    24: "DT_FLOAT8_E5M2",
-    25: "DT_FLOAT8_E4M3FN",
-    26: "DT_FLOAT8_E4M3FNUZ",
-    27: "DT_FLOAT8_E4M3B11FNUZ",
-    28: "DT_FLOAT8_E5M2FNUZ",
-    29: "DT_INT4",
-    30: "DT_UINT4",
-}
 # The typed value fields of TensorProto, to tell "values stored under the wrong type" from "no values".
 _VALUE_FIELDS = {
     5: "float_val",
@@ -124,7 +104,7 @@ _VALUE_FIELDS = {
 def _dtype_name(code: int) -> str:
     if code in _NUMERIC_DTYPES:
         return _NUMERIC_DTYPES[code].name
-    return _SKIPPED_DTYPES.get(code, f"dtype {code}")
+    return NON_NUMERIC_DTYPES.get(code, f"dtype {code}")
 
 
 @dataclass(frozen=True)
@@ -215,19 +195,10 @@ def _finish(array: np.ndarray, dt: _DType) -> np.ndarray:
     return array
 
 
-# numpy's limits (NPY_MAXDIMS, and a byte size that fits in a signed 64-bit intp): a shape beyond them would make
-# numpy raise its own ValueError, even for an empty tensor such as [0, 2**62, 2**62].
-_MAX_ARRAY_DIMS = 64
-_MAX_ARRAY_BYTES = (1 << 63) - 1
-
-
 def _check_array_shape(shape: tuple[int, ...], itemsize: int, *, what: str) -> None:
-    if len(shape) > _MAX_ARRAY_DIMS:
-        raise WeightsFormatError(f"{what}: shape has {len(shape)} dimensions; at most {_MAX_ARRAY_DIMS} are supported")
-    span = itemsize
-    for d in shape:
-        span *= max(d, 1)  # zeros are skipped: numpy bounds the product of the other dims too
-    if span > _MAX_ARRAY_BYTES:
+    if len(shape) > MAX_ARRAY_DIMS:
+        raise WeightsFormatError(f"{what}: shape has {len(shape)} dimensions; at most {MAX_ARRAY_DIMS} are supported")
+    if array_span(shape, itemsize) > MAX_ARRAY_BYTES:
         raise WeightsFormatError(f"{what}: shape {list(shape)} spans more than 2**63 bytes")
 
 
@@ -238,7 +209,7 @@ def _decode_tensor(
     fields = _group(buf, start, end, what)
     dtype_field = _last(fields, _TENSOR_DTYPE, WIRE_VARINT, what)
     code = 0 if dtype_field is None else dtype_field.value
-    if code not in _NUMERIC_DTYPES and code not in _SKIPPED_DTYPES:
+    if code not in _NUMERIC_DTYPES and code not in NON_NUMERIC_DTYPES:
         raise WeightsFormatError(f"{what}: invalid TensorProto dtype {code} (not a TensorFlow DataType)")
     shape_field = _last(fields, _TENSOR_SHAPE, WIRE_LEN, what)
     shape = () if shape_field is None else _decode_shape(buf, shape_field.value, shape_field.end, what=what)
@@ -246,7 +217,7 @@ def _decode_tensor(
         raise WeightsFormatError(f"{what}: a constant tensor cannot have an unknown rank")
     if any(d < 0 for d in shape):
         raise WeightsFormatError(f"{what}: negative dimension in shape {list(shape)}")
-    if code in _SKIPPED_DTYPES:
+    if code in NON_NUMERIC_DTYPES:
         return code, shape, None
 
     dt = _NUMERIC_DTYPES[code]
