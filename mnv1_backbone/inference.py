@@ -78,11 +78,14 @@ class FoldedConvActivation(nn.Module):
             groups=conv.groups,
             bias=True,
         ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-        scale = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps)
-        weight = conv.weight.detach() * scale.reshape(-1, 1, 1, 1)
+        # Folded in float64 (float32 on MPS, which has no float64) and rounded once to the model's dtype: a
+        # half-precision model would otherwise round the scale, the product and the bias each on their own.
+        exact = torch.float32 if conv.weight.device.type == "mps" else torch.float64
+        scale = norm.weight.detach().to(exact) / torch.sqrt(norm.running_var.to(exact) + norm.eps)
+        weight = conv.weight.detach().to(exact) * scale.reshape(-1, 1, 1, 1)
         with torch.no_grad():
             self.convolution.weight.copy_(weight.flip(-2, -1) if mirrored else weight)
-            self.convolution.bias.copy_(norm.bias.detach() - norm.running_mean * scale)
+            self.convolution.bias.copy_(norm.bias.detach().to(exact) - norm.running_mean.to(exact) * scale)
         self.activation = layer.activation
         self.pointwise_as_matmul = (
             pointwise_as_matmul

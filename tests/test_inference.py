@@ -201,3 +201,19 @@ def test_int8_classifier_on_real_photos() -> None:
     assert logits[1].argmax() == reference[1].argmax() == 968  # espresso
     assert logits[2].argmax() == reference[2].argmax()  # military uniform
     assert 282 <= logits[0].argmax() <= 286  # a cat (float: tabby 0.43, Egyptian cat 0.30)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_path_keeps_the_model_dtype(dtype: torch.dtype) -> None:
+    """A half-precision model gives a half-precision fast path (folded in float32 first, then rounded once)."""
+    backbone = randomize(MobileNetV1Backbone((5,), depth_multiplier=0.25), seed=6)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        exact = backbone(x)["Conv2d_5_pointwise"]
+        half = copy.deepcopy(backbone).to(dtype)
+        fast = optimize_for_inference(half, x.to(dtype))
+        assert {parameter.dtype for parameter in fast.parameters()} == {dtype}
+        got, eager = fast(x.to(dtype))["Conv2d_5_pointwise"], half(x.to(dtype))["Conv2d_5_pointwise"]
+    assert got.dtype == dtype
+    # As close to float32 as the eager half-precision model is (both round every layer to 8 or 11 bits).
+    assert (got.float() - exact).abs().max() <= 2 * (eager.float() - exact).abs().max() + 1e-3
