@@ -217,3 +217,31 @@ def test_fast_path_keeps_the_model_dtype(dtype: torch.dtype) -> None:
     assert got.dtype == dtype
     # As close to float32 as the eager half-precision model is (both round every layer to 8 or 11 bits).
     assert (got.float() - exact).abs().max() <= 2 * (eager.float() - exact).abs().max() + 1e-3
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_fast_path_exports_to_onnx_without_pad_or_batch_norm(tmp_path) -> None:
+    """With channels_last=False the fast path exports as 27 Conv + Clip (BatchNorm folded, no Pad nodes)."""
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    backbone = randomize(MobileNetV1Backbone((5, 13), depth_multiplier=0.25), seed=7)
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    fast = optimize_for_inference(backbone, x, channels_last=False)
+
+    class FeatureTuple(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(self.model(pixel_values).values())
+
+    path = tmp_path / "fast.onnx"
+    torch.onnx.export(FeatureTuple(fast), (x,), path, dynamo=True, external_data=False, input_names=["x"])
+    operators = [node.op_type for node in onnx.load(path).graph.node]
+    assert operators.count("Conv") == 27 and "Pad" not in operators and "BatchNormalization" not in operators
+    outputs = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        expected = fast(x)
+    for got, want in zip(outputs, expected.values(), strict=True):
+        assert float((torch.from_numpy(got) - want).abs().max()) <= 1e-4
