@@ -313,6 +313,7 @@ def quantize_int8(
         for batch in batches:
             prepared(batch.flip(-2, -1) if mirrored else batch)
     quantized = convert_fx(prepared)
+    _clip_relu6_to_quantized_range(quantized, quant_max=127 if reduce_range else 255)
     logger.info(
         "quantized %s to int8 (%s): %d calibration batches, %d ReLU6 ranges within [0, 6], float: %s",
         type(model).__name__, backend, len(batches), clamped, float_layers,
@@ -346,6 +347,40 @@ def _observe_relu6_outputs(prepared: torch.fx.GraphModule, reduce_range: bool) -
             setattr(owner, child, _ReLU6HistogramObserver(reduce_range=reduce_range))
             replaced += 1
     return replaced
+
+
+def _clip_relu6_to_quantized_range(quantized: torch.fx.GraphModule, quant_max: int) -> int:
+    """Clip each ReLU6 at the top of the range its output is quantized to, not at 6.
+
+    With `reduce_range` a uint8 tensor still holds 0..255, so a value above the calibrated maximum would reach the
+    next conv as more than 7 bits, where AVX2's int16 pair sums can overflow. Clipping at 127 steps (what a
+    quantizer does at its range's end anyway) makes the 7-bit bound hold for every input.
+    """
+
+    def output_scale(node: torch.fx.Node) -> float | None:
+        source = node.args[0]
+        if isinstance(source, torch.fx.Node) and source.op == "call_module":
+            conv = quantized.get_submodule(str(source.target))  # a quantized conv keeps its output qparams
+            if hasattr(conv, "scale") and int(conv.zero_point) == 0:
+                return float(conv.scale)
+        for user in node.users:  # a float ReLU6 (a layer left in float) feeding the next quantized layer
+            if user.op == "call_function" and user.target is torch.quantize_per_tensor:
+                scale, zero_point = (getattr(quantized, str(arg.target)) for arg in user.args[1:3])
+                if int(zero_point) == 0:
+                    return float(scale)
+        return None
+
+    clipped = 0
+    for node in quantized.graph.nodes:
+        if node.op != "call_module" or not isinstance(quantized.get_submodule(str(node.target)), nn.ReLU6):
+            continue
+        scale = output_scale(node)
+        if scale is not None:
+            parent, _, child = str(node.target).rpartition(".")
+            owner = quantized.get_submodule(parent) if parent else quantized
+            setattr(owner, child, nn.Hardtanh(0.0, min(6.0, quant_max * scale), inplace=True))
+            clipped += 1
+    return clipped
 
 
 class _ReLU6HistogramObserver(HistogramObserver):
