@@ -216,6 +216,11 @@ class _Optimized(nn.Module):
             return getattr(self._modules["model"], name)
 
     def run(self, x: Tensor, *args, **kwargs):
+        # Checked before flipping and the memory-format change, whose own errors would not say what is wrong.
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a 4-D (batch, channels, height, width) tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D (batch, channels, height, width) tensor, got shape {list(x.shape)}")
         if self.mirrored:
             x = x.flip(-2, -1)
         if self.channels_last:
@@ -292,6 +297,12 @@ def quantize_int8(
     batches = list(calibration_images)
     if not batches:
         raise ValueError("calibration_images is empty; pass a few preprocessed image batches")
+    if any(isinstance(module, TFSlimAvgPool) for module in model.modules()):
+        raise ValueError(
+            "int8 needs global pooling: TF-slim pooling's output shape depends on the input size, which torch.fx "
+            "cannot trace. The weights are the same: build the model with pooling='global' (at 224x224 both "
+            "poolings give the same logits)"
+        )
     float_model = copy.deepcopy(model).eval()
     float_layers = [first_depthwise_layer(float_model)] if float_layers is None else list(float_layers)
     layer_names = {name for name, module in float_model.named_modules() if isinstance(module, ConvNormActivation)}

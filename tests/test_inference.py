@@ -252,3 +252,16 @@ def test_fast_path_exports_to_onnx_without_pad_or_batch_norm(tmp_path) -> None:
         expected = fast(x)
     for got, want in zip(outputs, expected.values(), strict=True):
         assert float((torch.from_numpy(got) - want).abs().max()) <= 1e-4
+
+
+def test_fast_paths_reject_what_they_cannot_take() -> None:
+    config = MobileNetV1Config(depth_multiplier=0.25, pooling="tf_slim")
+    with pytest.raises(ValueError, match="int8 needs global pooling"):
+        quantize_int8(MobileNetV1ForImageClassification(config), [torch.rand(1, 3, 64, 64)])
+    fast = optimize_for_inference(MobileNetV1Backbone((3,), depth_multiplier=0.25))
+    with pytest.raises(TypeError, match=r"expected a 4-D \(batch, channels, height, width\) tensor, got list"):
+        fast([torch.rand(3, 64, 64)])
+    with pytest.raises(ValueError, match=r"4-D .* got shape \[3, 64, 64\]"):
+        fast(torch.rand(3, 64, 64))
+    with pytest.raises(ValueError, match="needs at least 32x32"):
+        fast(torch.rand(1, 3, 16, 64))  # the model's own checks still speak
