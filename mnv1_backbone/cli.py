@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "traced at batch >= 2) and verify at a second size too; TorchScript is always dynamic")
     sub.add_argument("--tolerance", type=_positive_float, default=_DEFAULT_TOLERANCE, metavar="T",
                      help="largest allowed absolute difference between the exported model and eager PyTorch")
+    sub.add_argument("--optimized", action="store_true",
+                     help="export the inference fast path (BatchNorm folded into the convolutions, TF padding "
+                     "without Pad operations; onnx and exported-program only), checked against the model as loaded")
     sub.set_defaults(handler=_cmd_export)
 
     # --- info -------------------------------------------------------------------------------------------------
@@ -704,6 +707,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     out = Path(args.out)
+    if args.optimized and args.format == "torchscript":
+        raise CLIError("--optimized exports with onnx or exported-program; TorchScript cannot script the fast path")
     if out.is_dir():
         raise CLIError(f"OUT must be a file name, {out} is a folder")
     if not out.parent.is_dir():
@@ -717,6 +722,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     size = args.image_size if args.image_size is not None else config.image_size
     batch = max(args.batch_size, 2) if args.dynamic else args.batch_size  # torch.export specializes batch 1
     module, names = _export_module(args.model, args.format, model)
+    reference = module  # what the exported file is checked against: the model as loaded
+    if args.optimized:
+        from .inference import optimize_for_inference
+
+        module, _ = _export_module(args.model, args.format, optimize_for_inference(model, channels_last=False))
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(batch, config.num_channels, size, size, generator=generator) * 2 - 1
     dynamic_shapes = None
@@ -744,7 +754,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {args.model} to {out} ({args.format}, {_file_size(out)})")
     for x in inputs:
         with torch.inference_mode():
-            expected = _named_outputs(module(x), names)
+            expected = _named_outputs(reference(x), names)
             actual = _named_outputs(run(x), names)
         for name in names:
             if tuple(actual[name].shape) != tuple(expected[name].shape):

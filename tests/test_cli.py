@@ -371,6 +371,28 @@ def test_export_onnx_backbone_checked_with_onnxruntime(small_checkpoint, tmp_pat
     assert [o.shape for o in session.get_outputs()] == [[1, 16, 24, 24], [1, 32, 12, 12]]
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "exported-program"])
+def test_export_optimized_has_no_pad_and_matches_the_model_as_loaded(fmt, small_checkpoint, tmp_path, capsys) -> None:
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    out = tmp_path / ("classifier.onnx" if fmt == "onnx" else "classifier.pt2")
+    argv = ["export", "--weights", str(small_checkpoint), "--format", fmt, str(out), "--optimized",
+            "--image-size", "64"]
+    assert cli.main(argv) == 0
+    assert _max_diff(capsys.readouterr().out) <= 1e-4  # against the unoptimized classifier
+    if fmt == "onnx":
+        onnx = pytest.importorskip("onnx")
+        operators = {node.op_type for node in onnx.load(out).graph.node}
+        assert "Pad" not in operators and "BatchNormalization" not in operators and "Conv" in operators
+    else:
+        targets = {str(node.target) for node in torch.export.load(str(out)).graph.nodes}
+        assert not any("pad" in target or "batch_norm" in target for target in targets), targets
+    argv[4] = "torchscript"
+    assert cli.main(argv) == 1
+    assert "--optimized exports with onnx or exported-program" in capsys.readouterr().err
+
+
 def test_export_fails_when_the_exported_model_disagrees(small_checkpoint, tmp_path, capsys, monkeypatch) -> None:
     def broken_export(module, example, out):
         out.write_bytes(b"stand-in")
