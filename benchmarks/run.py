@@ -8,7 +8,7 @@ that are not installed are skipped, and the output says so.
 
     python benchmarks/run.py                 # full run, 2 threads, JSON to benchmarks/results.json
     python benchmarks/run.py --quick         # fewer rounds, no torch.compile
-    python benchmarks/run.py --device cuda   # also float32/float16/bfloat16 cases on a GPU
+    python benchmarks/run.py --device cuda   # also the classifier cases on a GPU in float32/16 and bfloat16
 
 Cases: classifier at 224x224, batch 1 and 8 (ours eager / fast path / fast path + torch.compile /
 int8, transformers, timm `mobilenetv1_100`, torchvision `mobilenet_v2` and `mobilenet_v3_large`);
@@ -208,30 +208,38 @@ def detector_cases(args, results: list[dict]) -> None:
     )
 
 
-def cuda_cases(args, results: list[dict]) -> None:
-    model = MobileNetV1ForImageClassification(MobileNetV1Config()).eval().cuda()
+def reduced_precision_cases(args, results: list[dict], skipped: list[str], device: str) -> None:
+    """The classifier cases on `device` in float32, float16 and bfloat16 (int8 and compile are CPU/float32 rows)."""
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    ours = MobileNetV1ForImageClassification(MobileNetV1Config()).eval()
+    models: dict[str, torch.nn.Module] = {}
+    if transformers is not None:
+        hf = transformers.MobileNetV1ForImageClassification(transformers.MobileNetV1Config(num_labels=1001)).eval()
+        hf.load_state_dict(ours.state_dict())
+        models[REFERENCE] = hf
+    models["ours eager"] = ours
+    models.update(peer_models([]))  # skipped peers were reported by the CPU cases
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        x = (torch.rand(8, 3, 224, 224, device="cuda") * 2 - 1).to(dtype)
-        typed = model.to(dtype)
-        fast = optimize_for_inference(typed, x)
+        typed = {name: model.to(device=device, dtype=dtype) for name, model in models.items()}
+        for batch in (1, 8):
+            x = (torch.rand(batch, 3, 224, 224, device=device) * 2 - 1).to(dtype)
+            fast = optimize_for_inference(typed["ours eager"], x)
+            cases = {name: (lambda model=model, x=x: model(x)) for name, model in typed.items()}
+            cases["ours fast path"] = lambda fast=fast, x=x: fast(x)
 
-        def synced(fn: Callable[[], object]) -> Callable[[], None]:
-            def run() -> None:
-                fn()
-                torch.cuda.synchronize()
+            def synced(fn: Callable[[], object]) -> Callable[[], None]:
+                def run() -> None:
+                    fn()
+                    synchronize()
 
-            return run
+                return run
 
-        run_group(
-            f"CUDA classifier batch 8 {str(dtype).replace('torch.', '')}",
-            {
-                "ours eager": synced(lambda x=x, typed=typed: typed(x)),
-                "ours fast path": synced(lambda x=x, fast=fast: fast(x)),
-            },
-            args,
-            results,
-            batch=8,
-        )
+            title = f"{device.upper()} classifier 224x224 batch {batch} {str(dtype).replace('torch.', '')}"
+            run_group(title, {name: synced(fn) for name, fn in cases.items()}, args, results, batch=batch)
 
 
 def run_group(
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         detector_cases(args, results)
     if args.device == "cuda":
         if torch.cuda.is_available():
-            cuda_cases(args, results)
+            reduced_precision_cases(args, results, skipped, "cuda")
         else:
             skipped.append("cuda: not available")
     rate_after = matmul_gflops(args.rounds)

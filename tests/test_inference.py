@@ -227,12 +227,19 @@ def test_fast_path_keeps_the_model_dtype(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.filterwarnings("ignore")
+@pytest.mark.skipif(find_bundled_frozen_graph() is None, reason="needs the real weights (nudity wheel)")
 def test_fast_path_exports_to_onnx_without_pad_or_batch_norm(tmp_path) -> None:
-    """With channels_last=False the fast path exports as 27 Conv + Clip (BatchNorm folded, no Pad nodes)."""
+    """With channels_last=False the fast path exports as 27 Conv + Clip (BatchNorm folded, no Pad nodes).
+
+    Real weights on a real photo: random weights amplify the float32 rounding differences between two conv
+    implementations past 1e-4 (measured 1.0e-4 on maps that reach 6), trained ones do not.
+    """
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
-    backbone = randomize(MobileNetV1Backbone((5, 13), depth_multiplier=0.25), seed=7)
-    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    backbone = MobileNetV1Backbone.from_tf(find_bundled_frozen_graph(), out_indices=(5, 13)).eval()
+    x = MobileNetV1ImageProcessor(size={"shortest_edge": 146}, crop_size={"height": 128, "width": 128})(
+        Image.open(DATA / "chelsea.png")
+    )["pixel_values"]
     fast = optimize_for_inference(backbone, x, channels_last=False)
 
     class FeatureTuple(torch.nn.Module):
@@ -249,7 +256,7 @@ def test_fast_path_exports_to_onnx_without_pad_or_batch_norm(tmp_path) -> None:
     assert operators.count("Conv") == 27 and "Pad" not in operators and "BatchNormalization" not in operators
     outputs = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
     with torch.no_grad():
-        expected = fast(x)
+        expected = backbone(x)  # the model as loaded, not the fast path
     for got, want in zip(outputs, expected.values(), strict=True):
         assert float((torch.from_numpy(got) - want).abs().max()) <= 1e-4
 
