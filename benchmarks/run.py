@@ -112,37 +112,49 @@ def peer_models(skipped: list[str]) -> dict[str, torch.nn.Module]:
     return peers
 
 
-def classifier_cases(args, results: list[dict], skipped: list[str]) -> None:
+def classifier_models(skipped: list[str]) -> dict[str, torch.nn.Module]:
+    """The reference (transformers, with our weights), ours eager, then the peers: every classifier group's rows."""
+    ours = MobileNetV1ForImageClassification(MobileNetV1Config()).eval()
+    models: dict[str, torch.nn.Module] = {}
     try:
         import transformers
     except ImportError:
         skipped.append("transformers: not installed (ratios are then to ours eager)")
-        transformers = None
-    ours = MobileNetV1ForImageClassification(MobileNetV1Config()).eval()
-    hf = None
-    if transformers is not None:
+    else:
         hf = transformers.MobileNetV1ForImageClassification(transformers.MobileNetV1Config(num_labels=1001)).eval()
         hf.load_state_dict(ours.state_dict())  # same weights
-    peers = peer_models(skipped)
+        models[REFERENCE] = hf
+    models["ours eager"] = ours
+    models.update(peer_models(skipped))
+    return models
+
+
+def _ours_first(models: dict[str, torch.nn.Module], x: torch.Tensor, ours_extra: dict) -> dict:
+    """Cases in table order: the reference, ours eager, our other variants, then the peers."""
+    cases: dict[str, Callable[[], object]] = {}
+    for name, model in models.items():
+        cases[name] = lambda model=model, x=x: model(x)
+        if name == "ours eager":
+            cases.update(ours_extra)
+    return cases
+
+
+def classifier_cases(args, results: list[dict], skipped: list[str]) -> None:
+    models = classifier_models(skipped)
+    ours = models["ours eager"]
     calibration = [torch.rand(2, 3, 224, 224) * 2 - 1 for _ in range(4)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
         int8 = quantize_int8(ours, calibration)
     for batch in (1, 8):
         x = torch.rand(batch, 3, 224, 224) * 2 - 1
-        cases: dict[str, Callable[[], object]] = {}
-        if hf is not None:
-            cases[REFERENCE] = lambda x=x: hf(x)
-        cases["ours eager"] = lambda x=x: ours(x)
         fast = optimize_for_inference(ours, x)
-        cases["ours fast path"] = lambda x=x, fast=fast: fast(x)
+        variants: dict[str, Callable[[], object]] = {"ours fast path": lambda x=x, fast=fast: fast(x)}
         if not args.quick:
             compiled = optimize_for_inference(ours, x, compile=True)  # compiles here, outside the timing
-            cases["ours fast path + compile"] = lambda x=x, compiled=compiled: compiled(x)
-        cases["ours int8"] = lambda x=x: int8(x)
-        for name, model in peers.items():
-            cases[name] = lambda model=model, x=x: model(x)
-        run_group(f"classifier 224x224 batch {batch}", cases, args, results, batch=batch)
+            variants["ours fast path + compile"] = lambda x=x, compiled=compiled: compiled(x)
+        variants["ours int8"] = lambda x=x: int8(x)
+        run_group(f"classifier 224x224 batch {batch}", _ours_first(models, x, variants), args, results, batch=batch)
 
 
 def backbone_cases(args, results: list[dict]) -> None:
@@ -208,36 +220,25 @@ def detector_cases(args, results: list[dict]) -> None:
     )
 
 
-def reduced_precision_cases(args, results: list[dict], skipped: list[str], device: str) -> None:
+def reduced_precision_cases(args, results: list[dict], device: str) -> None:
     """The classifier cases on `device` in float32, float16 and bfloat16 (int8 and compile are CPU/float32 rows)."""
-    try:
-        import transformers
-    except ImportError:
-        transformers = None
-    ours = MobileNetV1ForImageClassification(MobileNetV1Config()).eval()
-    models: dict[str, torch.nn.Module] = {}
-    if transformers is not None:
-        hf = transformers.MobileNetV1ForImageClassification(transformers.MobileNetV1Config(num_labels=1001)).eval()
-        hf.load_state_dict(ours.state_dict())
-        models[REFERENCE] = hf
-    models["ours eager"] = ours
-    models.update(peer_models([]))  # skipped peers were reported by the CPU cases
+    models = classifier_models([])  # what is not installed was reported by the CPU cases
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def synced(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            fn()
+            synchronize()
+
+        return run
+
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        typed = {name: model.to(device=device, dtype=dtype) for name, model in models.items()}
+        for model in models.values():
+            model.to(device=device, dtype=dtype)
         for batch in (1, 8):
             x = (torch.rand(batch, 3, 224, 224, device=device) * 2 - 1).to(dtype)
-            fast = optimize_for_inference(typed["ours eager"], x)
-            cases = {name: (lambda model=model, x=x: model(x)) for name, model in typed.items()}
-            cases["ours fast path"] = lambda fast=fast, x=x: fast(x)
-
-            def synced(fn: Callable[[], object]) -> Callable[[], None]:
-                def run() -> None:
-                    fn()
-                    synchronize()
-
-                return run
-
+            fast = optimize_for_inference(models["ours eager"], x)
+            cases = _ours_first(models, x, {"ours fast path": lambda fast=fast, x=x: fast(x)})
             title = f"{device.upper()} classifier 224x224 batch {batch} {str(dtype).replace('torch.', '')}"
             run_group(title, {name: synced(fn) for name, fn in cases.items()}, args, results, batch=batch)
 
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         detector_cases(args, results)
     if args.device == "cuda":
         if torch.cuda.is_available():
-            reduced_precision_cases(args, results, skipped, "cuda")
+            reduced_precision_cases(args, results, "cuda")
         else:
             skipped.append("cuda: not available")
     rate_after = matmul_gflops(args.rounds)
