@@ -12,8 +12,8 @@ backbone that computes the same function (within float32 rounding, tested to 1e-
   input size. Global pooling does not care; TF-slim's VALID 7x7 pooling runs unflipped;
 * weights and activations use channels-last, which oneDNN's depthwise kernels prefer, and on which a
   1x1 convolution is a plain matrix product: the pointwise layers (95% of the multiply-adds) then run
-  as `F.linear` on the (N, H, W, C) view, which BLAS does 15-25% faster than oneDNN's 1x1 convolution
-  at batch 1 (measured on 2 AVX2 cores), with no copy in or out;
+  as `F.linear` on the (N, H, W, C) view, with no copy in or out: BLAS does them 1.23x faster than
+  oneDNN's 1x1 convolution at batch 1 on 2 AVX2 cores, though 0.85x at batch 8 (benchmarks/pointwise.py);
 * `compile=True` adds `torch.compile` (Inductor) with weight freezing, which pre-packs the weights and
   fuses ReLU6 into oneDNN's convolutions (the convolutions stay convolutions there).
 
