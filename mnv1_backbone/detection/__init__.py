@@ -30,9 +30,9 @@ from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from .backbone import MobileNetV1Backbone
-from .config import STAGES, MobileNetV1Config
-from .layers import FrozenBatchNorm2d
+from ..backbone import MobileNetV1Backbone
+from ..config import STAGES, MobileNetV1Config
+from ..layers import FrozenBatchNorm2d
 
 __all__ = [
     "MobileNetV1FPN",
@@ -478,7 +478,7 @@ def _validate_trainable_layers(is_trained: bool, trainable_layers: int | None, d
 
 
 def _read_classifier_weights(path: str | os.PathLike) -> tuple[MobileNetV1Config, dict[str, Tensor]]:
-    from .weights import load_any
+    from ..weights import load_any
 
     return load_any(path)
 
@@ -519,7 +519,7 @@ def _freeze_all_batch_norms(backbone: MobileNetV1Backbone) -> None:
 def _load_detector_weights(model: nn.Module, weights: WeightsPath) -> Any:
     if weights is None:
         return model
-    from .weights import load_state_dict_file, load_state_dict_strict
+    from ..weights import load_state_dict_file, load_state_dict_strict
 
     load_state_dict_strict(model, load_state_dict_file(weights), source=str(weights))
     return model
