@@ -8,9 +8,17 @@
   out of the training targets and counted (`summary()`); images without objects are kept as negatives.
 - `make_train_transforms` / `make_eval_transforms`: the SSD augmentation recipe of torchvision's detection
   references (photometric distortion, zoom out, IoU crop, horizontal flip) plus a resize to a fixed square.
-- `collate_fn` batches `(image, target)` pairs as lists, as the detectors take them.
+- `check_images` scans the image files of datasets before training (in parallel, header-level: open, `verify()`,
+  size against the annotation file, the end of a JPEG) and stops with one `BadImageError` listing every missing
+  or unreadable file, or with `skip_bad_images` leaves them out. A file that fails to decode later anyway (cut
+  mid-stream, deleted) raises `BadImageError` naming it, or with `skip_bad_images` is skipped and counted
+  (`CocoDetectionDataset.skipped_images`, shared by the DataLoader's worker processes).
+- Real exports: annotation ids from 0 (labelme, CVAT, Roboflow; COCOeval reads id 0 as "no match") are renumbered
+  1..N internally (`source_id` keeps the file's); image and category ids are kept as the file has them, so
+  results carry the user's ids. A `_background_` category without boxes (labelme) is left out of the classes.
+- `collate_fn` batches `(image, target)` pairs as lists, as the detectors take them, dropping skipped samples.
 - `detections_to_coco` and `evaluate_coco`: detector outputs to COCO results, and pycocotools' COCOeval (bbox) with
-  the 12 standard numbers named and AP per category.
+  the 12 standard numbers named and AP per category, and VOC's AP@0.5 beside them (`voc.evaluate_voc`).
 
 Why not `torchvision.datasets.CocoDetection` + `wrap_dataset_for_transforms_v2`: the wrapper returns raw COCO
 category ids as labels, keeps crowd boxes, and returns a target without `boxes` for an image without objects,
@@ -26,7 +34,11 @@ import io
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +52,16 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from .voc import evaluate_voc
+
 __all__ = [
     "COCO_STAT_NAMES",
+    "BACKGROUND_NAMES",
+    "BadImage",
+    "BadImageError",
     "CocoDetectionDataset",
     "DatasetSummary",
+    "check_images",
     "collate_fn",
     "detections_to_coco",
     "evaluate_coco",
@@ -51,6 +69,8 @@ __all__ = [
     "load_split",
     "make_eval_transforms",
     "make_train_transforms",
+    "scan_images",
+    "validate_coco",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,7 +79,27 @@ logger = logging.getLogger(__name__)
 COCO_STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
                                     "ARl")
 
+#: Category names that mean "no object" (labelme's `_background_`, torchvision's `__background__`); such a
+#: category without annotations is left out of the classes.
+BACKGROUND_NAMES: frozenset[str] = frozenset({"_background_", "__background__"})
+
 Target = dict[str, Any]
+
+
+class BadImageError(ValueError):
+    """An image file is missing, unreadable or cut short; the message names the file(s).
+
+    A `ValueError` (bad input data, like a malformed annotation file), so the CLI reports it in one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's exception reaches the main process rebuilt as
+        # `BadImageError("Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback ...: <message>")`;
+        # keep <message>: the worker's traceback tells the user nothing the message does not.
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -108,23 +148,13 @@ def _check_entries(path: Path, data: dict[str, Any], section: str, required: dic
                 raise ValueError(f"{where}: missing key '{key}'")
             if not check(entry[key]):
                 raise ValueError(f"{where}: invalid '{key}': {entry[key]!r}")
-        # COCOeval records a match as the matched annotation's id, so an annotation id 0 reads as "no match".
-        if section == "annotations" and entry["id"] < 1:
-            raise ValueError(f"{where}: annotation ids must be >= 1 (pycocotools reads id 0 as 'no match')")
         if entry["id"] in seen:
             raise ValueError(f"{where}: duplicate id {entry['id']}")
         seen.add(entry["id"])
 
 
 def load_coco_annotations(annotation_file: str | Path) -> COCO:
-    """Read and validate a COCO instances file; return the pycocotools index of it.
-
-    Checks what pycocotools and COCOeval rely on and would otherwise fail on later, or silently get wrong:
-    the three sections are lists; every image has an int `id`, a `file_name` and positive `width`/`height`;
-    every category an int `id` and a `name`; every annotation an int `id`, a known `image_id` and
-    `category_id`, a `bbox` of 4 finite numbers; ids are unique per section and annotation ids are >= 1.
-    A missing `area` is set to the box area and a missing `iscrowd` to 0 (both are optional in hand-made
-    files but COCOeval reads them).
+    """Read and validate a COCO instances file; return the pycocotools index of it (see `validate_coco`).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -139,6 +169,31 @@ def load_coco_annotations(annotation_file: str | Path) -> COCO:
     except RecursionError:
         # json's C parser recurses once per nesting level: "[" * 100000 would exhaust the stack.
         raise ValueError(f"{path}: not a COCO file: its JSON is nested too deeply") from None
+    return validate_coco(data, path)
+
+
+def validate_coco(data: Any, path: str | Path) -> COCO:
+    """Validate COCO instances data (a parsed file, or one built from another format) and index it.
+
+    Checks what pycocotools and COCOeval rely on and would otherwise fail on later, or silently get wrong:
+    the three sections are lists; every image has an int `id`, a `file_name` and positive `width`/`height`;
+    every category an int `id` and a `name`; every annotation an int `id`, a known `image_id` and
+    `category_id`, a `bbox` of 4 finite numbers; ids are unique per section. A missing `area` is set to the box
+    area and a missing `iscrowd` to 0 (both are optional in hand-made files but COCOeval reads them).
+
+    Annotation ids below 1 (labelme, CVAT and Roboflow number from 0) are renumbered 1..N in file order, each
+    annotation keeping the file's id as `source_id`: COCOeval records a match as the matched annotation's id,
+    so id 0 would read as "no match" and a perfect detection as a false positive. Image and category ids stay
+    as they are (0 is fine for those), so results written for them carry the file's ids.
+
+    Args:
+        data: the parsed JSON; modified in place (defaults filled in, ids renumbered).
+        path: the file it came from, for messages.
+
+    Raises:
+        ValueError: an entry is malformed; the message names `path` and the entry (section, index and id).
+    """
+    path = Path(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with images, annotations and categories")
     for section in ("images", "annotations", "categories"):
@@ -172,6 +227,13 @@ def load_coco_annotations(annotation_file: str | Path) -> COCO:
                 raise ValueError(f"{where}: the area of bbox {annotation['bbox']} is not a finite number")
         elif not _is_number(annotation["area"]):
             raise ValueError(f"{where}: invalid 'area': {annotation['area']!r}")
+    if any(annotation["id"] < 1 for annotation in data["annotations"]):
+        for number, annotation in enumerate(data["annotations"], start=1):
+            annotation["source_id"] = annotation["id"]
+            annotation["id"] = number
+        logger.info("%s: annotation ids start below 1 (as labelme, CVAT and Roboflow export them); renumbered "
+                    "1..%d internally (COCOeval reads id 0 as 'no match'), image and category ids kept",
+                    path, len(data["annotations"]))
     return _coco_from_dict(data)
 
 
@@ -209,16 +271,25 @@ class CocoDetectionDataset(Dataset):
     (`tv_tensors.BoundingBoxes`, XYXY, absolute pixels, shape (N, 4), N may be 0), `labels` (int64, shape (N,),
     contiguous 1..K in the order of the category ids; 0 is background) and `image_id` (int, the COCO id).
 
-    Training targets leave out crowd annotations (`iscrowd=1`) and degenerate boxes (after clipping to the
-    image, width or height <= `min_box_size` px; a box wholly outside the image is one); boxes reaching outside
-    the image are clipped. `coco` keeps every annotation of the file (crowd regions included): evaluate against
-    it, as COCOeval handles crowd regions itself.
+    Training targets leave out crowd annotations (`iscrowd=1`; VOC's `difficult` objects come in as crowd) and
+    degenerate boxes (after clipping to the image, width or height <= `min_box_size` px; a box wholly outside the
+    image is one); boxes reaching outside the image are clipped. `coco` keeps every annotation of the file (crowd
+    regions included): evaluate against it, as COCOeval handles crowd regions itself. A category named
+    `_background_` or `__background__` without annotations (labelme writes one, id 0) is left out of `coco` and
+    of the classes, with a logged note.
+
+    An image that cannot be read raises `BadImageError` naming the file; with `skip_bad_images` (settable later)
+    the sample comes out as None instead (`collate_fn` drops it), is logged and counted in `skipped_images`.
 
     Args:
         image_dir: folder holding the images named by `file_name`.
-        annotation_file: COCO instances JSON; validated by `load_coco_annotations`.
+        annotation_file: COCO instances JSON; validated by `load_coco_annotations`. With `annotations`, only the
+            name of the source (e.g. a VOC image-set list) for messages.
         transforms: called as `transforms(image, target)`, e.g. `make_train_transforms()`.
         min_box_size: boxes whose clipped width or height is not above this (px) are dropped.
+        annotations: COCO instances data already in memory (e.g. `voc.voc_to_coco`), used instead of reading
+            `annotation_file`; validated by `validate_coco`.
+        skip_bad_images: skip unreadable images at load time instead of raising.
     """
 
     def __init__(
@@ -228,20 +299,54 @@ class CocoDetectionDataset(Dataset):
         transforms: Callable[[Any, Target], tuple[Any, Target]] | None = None,
         *,
         min_box_size: float = 1.0,
+        annotations: dict[str, Any] | None = None,
+        skip_bad_images: bool = False,
     ) -> None:
         if not _is_number(min_box_size) or min_box_size < 0:
             raise ValueError(f"min_box_size must be a number >= 0, got {min_box_size!r}")
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         self.transforms = transforms
-        self.coco = load_coco_annotations(self.annotation_file)
-        self.ids: list[int] = sorted(self.coco.imgs)
+        self.min_box_size = min_box_size
+        self.skip_bad_images = skip_bad_images
+        # Shared memory, so that samples skipped in DataLoader worker processes count in the main process.
+        self._skipped = multiprocessing.Value("q", 0)
+        if annotations is None:
+            self.coco = load_coco_annotations(self.annotation_file)
+        else:
+            self.coco = validate_coco(annotations, self.annotation_file)
+        self.dropped_categories = self._drop_background_categories()
         cat_ids = sorted(self.coco.cats)
         self.cat_id_to_label: dict[int, int] = {cat_id: label for label, cat_id in enumerate(cat_ids, start=1)}
         self.label_to_cat_id: dict[int, int] = {label: cat_id for cat_id, label in self.cat_id_to_label.items()}
         #: Category names by label; index 0 is "__background__".
         self.categories: list[str] = ["__background__"] + [self.coco.cats[c]["name"] for c in cat_ids]
+        self.excluded_images: list[str] = []  # files left out by `exclude_images` (bad images skipped)
+        self._index()
 
+    def _drop_background_categories(self) -> list[str]:
+        """Leave a background category without annotations out of `coco`; return the names left out."""
+        used = {annotation["category_id"] for annotation in self.coco.anns.values()}
+        dropped = []
+        for cat_id, category in sorted(self.coco.cats.items()):
+            if category["name"] not in BACKGROUND_NAMES:
+                continue
+            if cat_id in used:
+                logger.warning("%s: category %r (id %d) has boxes: kept as a class", self.annotation_file,
+                               category["name"], cat_id)
+                continue
+            del self.coco.cats[cat_id]
+            self.coco.catToImgs.pop(cat_id, None)
+            dropped.append(category["name"])
+            logger.info("%s: category %r (id %d) has no boxes: left out of the classes (the detectors have their "
+                        "own background class 0)", self.annotation_file, category["name"], cat_id)
+        if dropped:
+            self.coco.dataset["categories"] = [c for c in self.coco.dataset["categories"] if c["id"] in self.coco.cats]
+        return dropped
+
+    def _index(self) -> None:
+        """Training boxes and labels of every image of `coco`, and the summary of what was kept and dropped."""
+        self.ids: list[int] = sorted(self.coco.imgs)
         crowd = degenerate = clipped = 0
         self._boxes: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
@@ -257,7 +362,7 @@ class CocoDetectionDataset(Dataset):
                 x, y, w, h = annotation["bbox"]
                 box = [min(max(x, 0.0), width), min(max(y, 0.0), height),
                        min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
-                if box[2] - box[0] <= min_box_size or box[3] - box[1] <= min_box_size:
+                if box[2] - box[0] <= self.min_box_size or box[3] - box[1] <= self.min_box_size:
                     degenerate += 1
                     continue
                 clipped += box != [x, y, x + w, y + h]
@@ -276,7 +381,7 @@ class CocoDetectionDataset(Dataset):
             crowd_dropped=crowd,
             degenerate_dropped=degenerate,
             clipped=clipped,
-            categories=len(cat_ids),
+            categories=len(self.cat_id_to_label),
         )
         s = self._summary
         logger.info(
@@ -291,6 +396,11 @@ class CocoDetectionDataset(Dataset):
         """Number of detector classes, background included (K + 1)."""
         return len(self.categories)
 
+    @property
+    def skipped_images(self) -> int:
+        """Samples skipped so far because their image could not be read (all DataLoader workers together)."""
+        return int(self._skipped.value)
+
     def summary(self) -> dict[str, int]:
         """Counts of images, kept boxes and dropped annotations (see `DatasetSummary`)."""
         return asdict(self._summary)
@@ -299,25 +409,73 @@ class CocoDetectionDataset(Dataset):
         return len(self.ids)
 
     def annotation_ids(self, index: int) -> list[int]:
-        """COCO ids of the annotations behind the training boxes of image `index`, in the order of its `boxes`."""
+        """COCO ids of the annotations behind the training boxes of image `index`, in the order of its `boxes`
+        (the ids of `coco`: renumbered ones where the file's started at 0, see `validate_coco`)."""
         return list(self._annotation_ids[index])
 
+    def image_path(self, index: int) -> Path:
+        """The image file of sample `index`."""
+        return self.image_dir / self.coco.imgs[self.ids[index]]["file_name"]
+
+    def image_files(self) -> list[tuple[int, Path, int, int]]:
+        """`(image_id, path, width, height)` of every image, as the annotation file gives them."""
+        return [(image_id, self.image_dir / info["file_name"], info["width"], info["height"])
+                for image_id, info in ((i, self.coco.imgs[i]) for i in self.ids)]
+
+    def exclude_images(self, image_ids: Iterable[int]) -> None:
+        """Leave these images and their annotations out of the dataset and of `coco` (so evaluation ignores them)."""
+        excluded = set(image_ids)
+        unknown = excluded - set(self.coco.imgs)
+        if unknown:
+            raise ValueError(f"{self.annotation_file}: no images with ids {sorted(unknown)}")
+        if not excluded:
+            return
+        self.excluded_images += [str(self.image_dir / self.coco.imgs[i]["file_name"]) for i in sorted(excluded)]
+        data = self.coco.dataset
+        data["images"] = [image for image in data["images"] if image["id"] not in excluded]
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] not in excluded]
+        self.coco = _coco_from_dict(data)
+        self._index()
+
     def load_image(self, index: int) -> tv_tensors.Image:
-        """The image at `index`, uint8 (3, H, W), RGB; its size is checked against the annotation file."""
+        """The image at `index`, uint8 (3, H, W), RGB; its size is checked against the annotation file.
+
+        Raises:
+            BadImageError: the file is missing, cannot be decoded (e.g. cut short) or has another size than the
+                annotation file says; the message names the file.
+        """
         info = self.coco.imgs[self.ids[index]]
         path = self.image_dir / info["file_name"]
-        # Pillow rather than torchvision.io, whose decoders are deprecated since torchvision 0.29.
-        with PIL.Image.open(path) as file:
-            image = tv_tensors.Image(v2.functional.pil_to_tensor(file.convert("RGB")))
+        try:
+            # Pillow rather than torchvision.io, whose decoders are deprecated since torchvision 0.29.
+            with PIL.Image.open(path) as file:
+                image = tv_tensors.Image(v2.functional.pil_to_tensor(file.convert("RGB")))
+        except FileNotFoundError:
+            raise BadImageError(f"{path}: image file not found (image id {info['id']})") from None
+        except _DECODE_ERRORS as error:
+            raise BadImageError(f"{path}: cannot decode the image ({type(error).__name__}: {error})") from None
         if tuple(image.shape[-2:]) != (info["height"], info["width"]):
-            raise ValueError(
+            raise BadImageError(
                 f"{path}: image is {image.shape[-1]}x{image.shape[-2]} (WxH) but {self.annotation_file} says "
                 f"{info['width']}x{info['height']} for image id {info['id']}"
             )
         return image
 
-    def __getitem__(self, index: int) -> tuple[Any, Target]:
-        image = self.load_image(index)
+    def _load_or_skip(self, index: int) -> tv_tensors.Image | None:
+        try:
+            return self.load_image(index)
+        except BadImageError as error:
+            if not self.skip_bad_images:
+                raise
+            with self._skipped.get_lock():
+                self._skipped.value += 1
+            logger.warning("skipped a sample (--skip-bad-images): %s", error)
+            return None
+
+    def __getitem__(self, index: int) -> tuple[Any, Target] | None:
+        image = self._load_or_skip(index)
+        if image is None:
+            return None
         target: Target = {
             "boxes": tv_tensors.BoundingBoxes(
                 torch.from_numpy(self._boxes[index]),
@@ -330,6 +488,104 @@ class CocoDetectionDataset(Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scanning the image files before training
+# --------------------------------------------------------------------------------------------------------------
+
+# What Pillow raises on a file it cannot decode: OSError ("image file is truncated", UnidentifiedImageError),
+# SyntaxError ("not a PNG file"), ValueError and EOFError on broken headers, DecompressionBombError on a header
+# claiming a huge image.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """An image file that cannot be used, and why."""
+
+    path: Path
+    problem: str
+    image_id: int
+
+
+def _inspect_image(path: Path, width: int, height: int) -> str | None:
+    """What is wrong with the image file at `path` (None: nothing found), without decoding its pixels.
+
+    Pillow's `open` reads the header (format, size); `verify` checks what a format allows without decoding (PNG:
+    every chunk's CRC, so a PNG cut short fails); a JPEG must end with its EOI marker (FF D9), and one that does
+    not (cut short, or trailing bytes some cameras add) is decoded in full to tell the two apart.
+    """
+    try:
+        with PIL.Image.open(path) as image:
+            size, image_format = image.size, image.format
+            image.verify()
+        if size != (width, height):
+            return f"is {size[0]}x{size[1]} (WxH) but the annotations say {width}x{height}"
+        if image_format == "JPEG":
+            with path.open("rb") as file:
+                file.seek(-2, os.SEEK_END)
+                ends_with_eoi = file.read(2) == b"\xff\xd9"
+            if not ends_with_eoi:
+                with PIL.Image.open(path) as image:
+                    image.load()
+    except FileNotFoundError:
+        return "missing"
+    except _DECODE_ERRORS as error:
+        return f"unreadable ({type(error).__name__}: {error})"
+    return None
+
+
+def scan_images(dataset: CocoDetectionDataset, *, threads: int | None = None) -> list[BadImage]:
+    """Check every image file of `dataset` (see `_inspect_image`) in a thread pool; return the bad ones.
+
+    Header-level checks read a few kilobytes per file (a PNG is read once, not decoded), so the time is bounded by
+    the file system, not by decoding; threads overlap the reads (Pillow releases the GIL in file reads).
+
+    Args:
+        threads: worker threads; default min(32, 4 x CPU cores).
+    """
+    files = dataset.image_files()
+    threads = threads or min(32, 4 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        problems = list(pool.map(lambda file: _inspect_image(file[1], file[2], file[3]), files))
+    return [BadImage(path, problem, image_id)
+            for (image_id, path, _, _), problem in zip(files, problems, strict=True) if problem is not None]
+
+
+def check_images(
+    datasets: Iterable[CocoDetectionDataset | None],
+    *,
+    skip_bad_images: bool = False,
+    threads: int | None = None,
+) -> int:
+    """Scan the image files of `datasets` before a run; stop on bad ones or leave them out. Return how many were.
+
+    Every dataset is scanned before anything is reported, so one message lists every missing or unreadable file.
+    With `skip_bad_images` those images (and their annotations) are left out of the datasets instead, and the
+    datasets skip images that fail to decode later (`CocoDetectionDataset.skip_bad_images`).
+
+    Raises:
+        BadImageError: some files are missing or unreadable (without `skip_bad_images`); the message names each.
+    """
+    start = time.perf_counter()
+    datasets = [dataset for dataset in datasets if dataset is not None]
+    found = [(dataset, scan_images(dataset, threads=threads)) for dataset in datasets]
+    total = sum(len(dataset) for dataset in datasets)
+    bad = [image for _, images in found for image in images]
+    logger.info("scanned %d image files in %.1f s: %d missing or unreadable", total, time.perf_counter() - start,
+                len(bad))
+    if bad and not skip_bad_images:
+        lines = "\n".join(f"  {image.path}: {image.problem}" for image in bad)
+        raise BadImageError(f"{len(bad)} of {total} image files cannot be used (fix or remove them, or give "
+                            f"--skip-bad-images to leave them out):\n{lines}")
+    for dataset, images in found:
+        dataset.skip_bad_images = skip_bad_images
+        if images:
+            dataset.exclude_images(image.image_id for image in images)
+            logger.warning("%s: left out %d missing or unreadable images (--skip-bad-images): %s",
+                           dataset.annotation_file, len(images), ", ".join(str(image.path) for image in images))
+    return len(bad)
 
 
 def load_split(root: str | Path, split: str, transforms: Callable[[Any, Target], tuple[Any, Target]] | None = None,
@@ -404,13 +660,15 @@ def make_eval_transforms() -> v2.Compose:
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
 
-def collate_fn(batch: Sequence[tuple[Any, Target]]) -> tuple[list[Any], list[Target]]:
+def collate_fn(batch: Sequence[tuple[Any, Target] | None]) -> tuple[list[Any], list[Target]]:
     """Batch `(image, target)` pairs as `(images, targets)` lists, the input torchvision's detectors take.
 
-    Images may differ in size, so they are not stacked.
+    Images may differ in size, so they are not stacked. None samples (images skipped with `skip_bad_images`) are
+    dropped, so a batch can come out smaller, or empty.
     """
-    images = [image for image, _ in batch]
-    targets = [target for _, target in batch]
+    samples = [sample for sample in batch if sample is not None]
+    images = [image for image, _ in samples]
+    targets = [target for _, target in samples]
     return images, targets
 
 
@@ -468,8 +726,10 @@ def evaluate_coco(
         image_ids: evaluate these images only (e.g. when only part of a split was run); default all of `coco_gt`.
 
     Returns:
-        The 12 numbers of `COCOeval.summarize()` under `COCO_STAT_NAMES` (AP, AP50, ..., ARl) as floats, and
-        `per_category`: `{name: {"AP": AP@[.5:.95], "AP50": AP@.5}}` (area "all", 100 detections). As in
+        The 12 numbers of `COCOeval.summarize()` under `COCO_STAT_NAMES` (AP, AP50, ..., ARl) as floats;
+        `VOC_AP50`, Pascal VOC's mAP at IoU > 0.5 (area under the precision envelope, VOC2010 onwards; crowd
+        regions, which VOC's difficult objects become, ignored; `voc.evaluate_voc`); and `per_category`:
+        `{name: {"AP": AP@[.5:.95], "AP50": AP@.5, "VOC_AP50": VOC AP}}` (area "all", 100 detections). As in
         pycocotools, a value is -1.0 where there is no ground truth to measure it (e.g. APs without small
         objects). With no detections every measurable value is 0.0.
     """
@@ -513,5 +773,11 @@ def evaluate_coco(
             "AP": float(all_iou[all_iou > -1].mean()) if (all_iou > -1).any() else -1.0,
             "AP50": float(at_50[at_50 > -1].mean()) if (at_50 > -1).any() else -1.0,
         }
+    # VOC's AP differs from COCO's AP50 in interpolation (area vs 101 points), ties (IoU > 0.5 vs >= 0.5) and
+    # detections per image (all vs 100); users of VOC data compare with published VOC numbers.
+    voc = evaluate_voc(coco_gt.dataset, results, image_ids=image_ids)
+    metrics["VOC_AP50"] = voc["mAP"]
+    for name, value in per_category.items():
+        value["VOC_AP50"] = voc["per_category"][name]
     metrics["per_category"] = per_category
     return metrics

@@ -399,8 +399,6 @@ def _break(data: dict[str, Any], change: str) -> dict[str, Any]:
         annotation["image_id"] = 9
     elif change == "duplicate id":
         annotation["id"] = 1
-    elif change == "id 0":
-        annotation["id"] = 0
     elif change == "bad iscrowd":
         annotation["iscrowd"] = 2
     elif change == "image without file_name":
@@ -422,7 +420,6 @@ def _break(data: dict[str, Any], change: str) -> dict[str, Any]:
         ("unknown category", r"annotations\[1\] \(id=2\): unknown category_id 42"),
         ("unknown image", r"annotations\[1\] \(id=2\): unknown image_id 9"),
         ("duplicate id", r"annotations\[1\] \(id=1\): duplicate id 1"),
-        ("id 0", r"annotations\[1\] \(id=0\): annotation ids must be >= 1"),
         ("bad iscrowd", r"annotations\[1\] \(id=2\): iscrowd must be 0 or 1, got 2"),
         ("image without file_name", r"images\[1\] \(id=2\): missing key 'file_name'"),
         ("category without name", r"categories\[2\] \(id=90\): missing key 'name'"),
@@ -466,15 +463,16 @@ def test_ground_truth_as_detections_scores_ap_one(dataset_root: Path) -> None:
     assert {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
 
     metrics = evaluate_coco(dataset.coco, detections)
-    assert set(metrics) == {*COCO_STAT_NAMES, "per_category"}
+    assert set(metrics) == {*COCO_STAT_NAMES, "VOC_AP50", "per_category"}
     assert metrics["AP"] == pytest.approx(1.0)
+    assert metrics["VOC_AP50"] == pytest.approx(1.0)
     assert metrics["AP50"] == pytest.approx(1.0)
     assert metrics["AR100"] == pytest.approx(1.0)
     present = {dataset.coco.cats[a["category_id"]]["name"] for a in dataset.coco.anns.values()}
     assert set(metrics["per_category"]) == set(CATEGORIES)
     for name in CATEGORIES:
         expected = 1.0 if name in present else -1.0  # -1: no ground truth of that category, as in pycocotools
-        assert metrics["per_category"][name] == pytest.approx({"AP": expected, "AP50": expected})
+        assert metrics["per_category"][name] == pytest.approx({"AP": expected, "AP50": expected, "VOC_AP50": expected})
 
 
 def test_shifted_detections_pass_iou_half_but_not_three_quarters(dataset_root: Path) -> None:
@@ -494,7 +492,7 @@ def test_category_id_gaps_survive_the_round_trip(tmp_path: Path) -> None:
     assert detections[0]["bbox"] == [30, 20, 60, 50]
     metrics = evaluate_coco(dataset.coco, detections)
     assert metrics["AP"] == pytest.approx(1.0)
-    assert metrics["per_category"]["other"] == {"AP": -1.0, "AP50": -1.0}
+    assert metrics["per_category"]["other"] == {"AP": -1.0, "AP50": -1.0, "VOC_AP50": -1.0}
 
 
 def test_zero_detections_score_zero(dataset_root: Path) -> None:
