@@ -7,8 +7,11 @@
         --val-images coco/val2017 --val-annotations coco/annotations/instances_val2017.json ...
     python -m detection_demo evaluate --checkpoint runs/x/checkpoint_last.pt [--split val] [--output m.json]
     python -m detection_demo predict img1.jpg folder/ --checkpoint runs/x/checkpoint_last.pt --out pics/
+    torchrun --standalone --nproc_per_node 4 -m detection_demo train ...      # DDP, one process per GPU
+    torchrun --standalone --nproc_per_node 4 -m detection_demo evaluate ...   # sharded evaluation
 
-Errors (bad arguments, missing files, a non-finite loss) print one message to stderr and exit with status 1.
+Errors (bad arguments, missing files, a non-finite loss, a bad image) print one message to stderr and exit with
+status 1; under torchrun rank 0 prints it once when every rank stopped for the same reason.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +28,9 @@ from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .distributed import BACKENDS, env_rank
 from .models import BUILDERS
-from .train import OPTIMIZERS, NonFiniteLossError, TrainConfig
+from .train import AMP_DTYPES, OPTIMIZERS, NonFiniteLossError, TrainConfig
 
 logger = logging.getLogger("detection_demo")
 
@@ -76,6 +81,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser, suppress: bool = False)
     group.add_argument("--train-annotations", help="e.g. coco/annotations/instances_train2017.json")
     group.add_argument("--val-images", help="validation image folder, e.g. coco/val2017")
     group.add_argument("--val-annotations", help="e.g. coco/annotations/instances_val2017.json")
+    group.add_argument("--data-format", choices=("coco", "voc"),
+                       help="coco (default) or voc: a Pascal VOC root (Annotations/, JPEGImages/, "
+                            "ImageSets/Main/{train,val}.txt); the annotation paths are then image-set lists")
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -124,6 +132,33 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig
     add(run, "--eval-interval", "evaluate on val every N epochs and after the last; 0 = never", type=int)
     add(run, "--eval-batch-size", "images per evaluation batch", type=int)
     add(run, "--stop-after-epoch", "end this run after that epoch; continue it with --resume", type=int)
+    add(run, "--skip-bad-images", "leave missing or unreadable images out (and skip images that fail to decode "
+        "later, counted) instead of stopping with a list of them", action=argparse.BooleanOptionalAction)
+
+    scale = parser.add_argument_group("scale and throughput (torchrun: see docs/training_at_scale.md)")
+    add(scale, "--accumulate", "micro-batches per optimizer step (gradient accumulation); global batch = "
+        "processes x --batch-size x this", type=int)
+    add(scale, "--augment", "SSD augmentation; --no-augment resizes only", action=argparse.BooleanOptionalAction)
+    add(scale, "--sync-bn", "BatchNorm statistics over all processes (SyncBatchNorm, CUDA only; frozen BatchNorm "
+        "stays frozen)", action="store_true")
+    add(scale, "--amp-dtype", "autocast dtype with --amp", choices=AMP_DTYPES)
+    add(scale, "--channels-last", "channels-last memory format; default on CUDA only",
+        action=argparse.BooleanOptionalAction)
+    add(scale, "--persistent-workers", "keep DataLoader workers alive between epochs (a resumed run then draws "
+        "other augmentations than an uninterrupted one)", action="store_true")
+    add(scale, "--aspect-ratio-groups", "FPN models: batch images of similar aspect ratio, in this many bins, "
+        "keeping each image's aspect ratio; 0 = off", type=int)
+    _add_dist_arguments(scale, suppress=True)
+
+
+def _add_dist_arguments(group: argparse._ArgumentGroup | argparse.ArgumentParser, suppress: bool = False) -> None:
+    """--dist-backend and --dist-timeout (read under torchrun only)."""
+    unset = argparse.SUPPRESS if suppress else None
+    group.add_argument("--dist-backend", choices=BACKENDS, default=unset,
+                       help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on CPU)")
+    group.add_argument("--dist-timeout", type=float, default=unset or _DEFAULTS.dist_timeout, metavar="SECONDS",
+                       help="how long a process waits for the others in a collective before the job fails "
+                            f"(default {_DEFAULTS.dist_timeout:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="metrics JSON (default: eval_<split>.json beside the checkpoint)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     _add_runtime_arguments(evaluate, 0)
+    _add_dist_arguments(evaluate)
 
     predict = commands.add_parser("predict", help="draw detections on images",
                                   description="Draw a checkpoint's detections on images into PNG files.")
@@ -180,6 +216,8 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _print_train_result(result: Any) -> None:
+    if env_rank() != 0:  # every rank returns the same result; rank 0 reports it
+        return
     print(f"\ntrained {result.epoch} epochs ({result.global_step} steps) in {result.seconds / 60:.1f} min")
     if result.final_metrics:
         print(f"val AP {result.final_metrics['AP']:.3f}, AP50 {result.final_metrics['AP50']:.3f} "
@@ -194,15 +232,19 @@ def _print_train_result(result: Any) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     from .datasets import DataPaths
+    from .distributed import distributed_context
     from .evaluate import evaluate_checkpoint, format_metrics
 
     paths = None
     if _data_paths_given(args):
         paths = DataPaths.resolve(args.data_root, args.train_images, args.train_annotations, args.val_images,
-                                  args.val_annotations)
-    metrics, path = evaluate_checkpoint(args.checkpoint, split=args.split, data_paths=paths, output=args.output,
-                                        device=_device(args.device), batch_size=args.batch_size,
-                                        workers=args.workers, progress=args.progress)
+                                  args.val_annotations, data_format=args.data_format or "coco")
+    with distributed_context(args.device, backend=args.dist_backend, timeout_s=args.dist_timeout) as context:
+        metrics, path = evaluate_checkpoint(args.checkpoint, split=args.split, data_paths=paths, output=args.output,
+                                            device=str(context.device), batch_size=args.batch_size,
+                                            workers=args.workers, progress=args.progress, context=context)
+    if not context.is_main:
+        return
     print(f"COCO bbox evaluation of {args.checkpoint} on {metrics['annotation_file']}:")
     print(format_metrics(metrics))
     print(f"\nmetrics: {path}")
@@ -253,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not verbose:  # pycocotools and PIL are chatty at debug level only, but torch warns about workers
         logging.getLogger("PIL").setLevel(logging.WARNING)
+    rank = env_rank()
+    if rank != 0 and not verbose:  # under torchrun rank 0 logs the run; the others only warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
     handlers = {"train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "demo": _run_demo}
     if args.command is None:
         parser.print_help()
@@ -260,14 +305,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():
             handlers[args.command](args)
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (NonFiniteLossError, ValueError, FileNotFoundError) as error:
+        # Errors every rank raised alike (bad settings, a NaN or bad image agreed on) are printed once, by rank 0;
+        # an error of one rank alone is printed by that rank.
+        if rank == 0 or not getattr(error, "every_rank", False):
+            prefix = f"error (rank {rank}): " if rank and os.environ.get("WORLD_SIZE", "1") != "1" else "error: "
+            print(f"{prefix}{error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume auto", file=sys.stderr)
+        if rank == 0:
+            print("interrupted; continue with --resume auto", file=sys.stderr)
         return 130
     return 0
 

@@ -17,13 +17,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from mnv1_backbone._io import atomic_write_text
@@ -47,11 +50,20 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .data import collate_fn, make_eval_transforms, make_train_transforms
+from .data import BadImageError, check_images, collate_fn, make_eval_transforms, make_train_transforms
 from .datasets import DataPaths, open_split
+from .distributed import (
+    BACKENDS,
+    DistributedContext,
+    all_reduce_sum,
+    barrier,
+    distributed_context,
+    gather_to_main,
+)
 from .evaluate import evaluate_model
 from .models import BUILDERS, ModelSpec, backbone_depth_multiplier, build_model, resolve_backbone_weights
 from .plotting import plot_history
+from .sampling import ShardBatchSampler, aspect_ratio_groups
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "train", "warmup_cosine"]
 
@@ -61,8 +73,12 @@ HISTORY_NAME = "history.json"
 PLOT_NAME = "training_curves.png"
 OPTIMIZERS = ("sgd", "adamw")
 # Settings that may differ between a run and its resumption: where and how it runs, not what it computes.
+# The per-process batch and the accumulation are among them, so that a run resumed on another number of processes
+# can keep its global batch (2 x 4 -> 1 x 8, or 1 x 4 with --accumulate 2).
 _RUNTIME_FIELDS = ("output", "resume", "device", "workers", "threads", "progress", "eval_batch_size",
-                   "stop_after_epoch", "epochs")
+                   "stop_after_epoch", "epochs", "batch_size", "accumulate", "dist_backend", "dist_timeout",
+                   "persistent_workers", "channels_last", "skip_bad_images")
+AMP_DTYPES = ("float16", "bfloat16")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,6 +100,8 @@ class TrainConfig:
     train_annotations: str | None = None
     val_images: str | None = None
     val_annotations: str | None = None
+    data_format: str = "coco"  # "coco" or "voc" (Pascal VOC XML; see datasets.DataPaths)
+    skip_bad_images: bool = False  # leave missing/unreadable images out (skip later failures) instead of stopping
     weights_backbone: str | None = "auto"  # "auto", "none" or a path (HF dir, .safetensors, frozen .pb)
     trainable_backbone_layers: int | None = 3  # pretrained only; None: the builder's default (SSDLite: all 6)
     depth_multiplier: float | None = None  # the weights' width when pretrained, else 1.0
@@ -111,6 +129,21 @@ class TrainConfig:
     resume: str | None = None  # "auto" or a checkpoint path
     stop_after_epoch: int | None = None  # end this run after that epoch (resume later)
     progress: bool = True
+    # Scale and throughput (see docs/training_at_scale.md). Under torchrun `batch_size` is per process: the global
+    # batch is processes x batch_size x accumulate, and `lr` is used as given (scale it with the global batch).
+    accumulate: int = 1  # micro-batches of batch_size per optimizer step
+    augment: bool = True  # False: resize only (no photometric distortion, zoom out, crop or flip)
+    sync_bn: bool = False  # BatchNorm -> SyncBatchNorm across processes (CUDA only)
+    amp_dtype: str = "float16"  # autocast dtype with --amp; bfloat16 needs no loss scaling
+    channels_last: bool | None = None  # None: on CUDA only
+    persistent_workers: bool = False  # keep DataLoader workers between epochs (their seeds then stay the first's)
+    aspect_ratio_groups: int = 0  # FPN models: batch images of similar aspect ratio (this many bins); 0: off
+    dist_backend: str | None = None  # None: nccl on CUDA, gloo on CPU
+    dist_timeout: float = 900.0  # seconds a collective waits for the other processes before the job fails
+
+    def channels_last_on(self, device: torch.device) -> bool:
+        """Whether the model and images use the channels-last memory format on `device`."""
+        return device.type == "cuda" if self.channels_last is None else bool(self.channels_last)
 
     def validate(self) -> None:
         """Raise `ValueError` naming the first setting out of range."""
@@ -118,12 +151,12 @@ class TrainConfig:
             raise ValueError(f"model must be one of {sorted(BUILDERS)}, got {self.model!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        positive_ints = ("epochs", "batch_size", "image_size", "eval_batch_size")
+        positive_ints = ("epochs", "batch_size", "image_size", "eval_batch_size", "accumulate")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("workers", "eval_interval", "seed"):
+        for name in ("workers", "eval_interval", "seed", "aspect_ratio_groups"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -147,6 +180,12 @@ class TrainConfig:
             raise ValueError(f"stop_after_epoch must be >= 1, got {self.stop_after_epoch}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"amp_dtype must be one of {AMP_DTYPES}, got {self.amp_dtype!r}")
+        if self.dist_backend is not None and self.dist_backend not in BACKENDS:
+            raise ValueError(f"dist_backend must be one of {BACKENDS}, got {self.dist_backend!r}")
+        if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
+            raise ValueError(f"dist_timeout must be a finite number of seconds > 0, got {self.dist_timeout!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,6 +213,7 @@ class TrainResult:
     seconds: float
     final_metrics: dict[str, Any] | None  # the last evaluation, if any
     completed: bool  # all epochs done
+    world_size: int = 1  # processes that trained it
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float,
@@ -301,114 +341,145 @@ def _write_json(path: Path, data: Any) -> None:
 def train(config: TrainConfig, *, given: Collection[str] | None = None) -> TrainResult:
     """Run (or resume) the training `config` describes; see the module docstring.
 
+    Under `torchrun` every process calls this: it opens the process group (`distributed.distributed_context`),
+    trains its shard of every epoch in one `DistributedDataParallel` model, and returns the same `TrainResult`
+    on every rank; rank 0 alone writes the files.
+
     Args:
         config: the settings.
         given: names of the settings the caller chose (the CLI's flags); None: those where `config` differs from
             `TrainConfig()`. On resume, the checkpoint's settings are used, except the runtime ones (`epochs`,
-            `device`, `workers`, `threads`, `eval_batch_size`, `stop_after_epoch`, `progress`) that were given.
+            `device`, `workers`, `threads`, `eval_batch_size`, `stop_after_epoch`, `progress`, `batch_size`,
+            `accumulate`, the `dist_*` settings, ...) that were given.
 
     Raises:
-        NonFiniteLossError: the loss became NaN or infinite (the last checkpoint is left as it was).
+        NonFiniteLossError: the loss became NaN or infinite on some rank (the last checkpoint is left as it was).
+        BadImageError: an image failed to decode on some rank (without `skip_bad_images`); every rank stops.
         ValueError / FileNotFoundError: bad settings or data.
     """
+    with distributed_context(config.device, backend=config.dist_backend, timeout_s=config.dist_timeout) as context:
+        return _train(config, given, context)
+
+
+def _train(config: TrainConfig, given: Collection[str] | None, context: DistributedContext) -> TrainResult:
     start_time = time.perf_counter()
     output = Path(config.output)
-    resume_path = find_resume_checkpoint(config.resume, output)
-    checkpoint: dict[str, Any] | None = None
-    if resume_path is not None:
-        checkpoint = load_checkpoint(resume_path)
-        config = _merge_resumed_config(config, checkpoint["args"], given)
-        logger.info("resuming %s from epoch %d, step %d", resume_path, checkpoint["epoch"], checkpoint["global_step"])
-    config.validate()
-    output.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    try:  # the same settings and files on every rank: every rank fails alike here, and one message is enough
+        setup = _set_up(config, given, context)
+    except (ValueError, FileNotFoundError) as error:
+        error.every_rank = True  # type: ignore[attr-defined]
+        raise
+    config, device, spec, model, train_set, val_set = (setup[k] for k in ("config", "device", "spec", "model",
+                                                                          "train_set", "val_set"))
+    checkpoint = setup["checkpoint"]
+    main = context.is_main
     use_amp = device.type == "cuda" if config.amp is None else bool(config.amp)
-    if use_amp and device.type != "cuda":
-        raise ValueError("mixed precision (--amp) needs a CUDA device")
-    seed_everything(config.seed)
+    amp_dtype = getattr(torch, config.amp_dtype)
+    model_without_ddp = model
+    if context.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    data_paths = DataPaths.resolve(config.data_root, config.train_images, config.train_annotations,
-                                   config.val_images, config.val_annotations)
-    masks = config.model == "maskrcnn"
-    train_set = open_split(data_paths, "train", make_train_transforms(config.image_size, zoom_out=config.zoom_out,
-                                                                      hflip_prob=config.hflip_prob), masks=masks)
-    val_set = open_split(data_paths, "val", make_eval_transforms()) if config.eval_interval else None
-    if val_set is not None and val_set.label_to_cat_id != train_set.label_to_cat_id:
-        raise ValueError(f"{val_set.annotation_file} and {train_set.annotation_file} have different categories")
-
-    if checkpoint is not None:
-        spec = ModelSpec.from_dict(checkpoint["model_spec"])
-        if spec.label_to_cat_id != train_set.label_to_cat_id:
-            raise ValueError(f"{resume_path} was trained on other categories than {train_set.annotation_file}")
-    else:
-        spec = _model_spec(config, list(train_set.categories), dict(train_set.label_to_cat_id))
-    model = build_model(spec)
-    spec.kwargs["depth_multiplier"] = backbone_depth_multiplier(model)  # evaluate/predict rebuild without weights
-    model.to(device)
-
-    batch_size = min(config.batch_size, len(train_set))
-    steps_per_epoch = len(train_set) // batch_size  # drop_last: a batch of 1 breaks BatchNorm on 1x1 maps
+    sampler = DistributedSampler(train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
+                                 seed=config.seed * 100_003, drop_last=True)
+    shard = len(sampler)
+    batch_size = min(config.batch_size, shard)
+    group_ids = None
+    if config.aspect_ratio_groups:
+        group_ids = aspect_ratio_groups([(train_set.coco.imgs[i]["width"], train_set.coco.imgs[i]["height"])
+                                         for i in train_set.ids], config.aspect_ratio_groups)
+    batch_sampler = ShardBatchSampler(sampler, batch_size, group_ids)
+    # drop_last: a batch of 1 breaks BatchNorm on 1x1 maps, and every rank must run the same number of steps.
+    steps_per_epoch = len(batch_sampler) // config.accumulate
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(train_set)} training images are too few for {context.world_size} processes x batch "
+                         f"{batch_size} x accumulate {config.accumulate}")
+    global_batch = context.world_size * batch_size * config.accumulate
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
-    optimizer = _make_optimizer(config, model)
-    scheduler = LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps, config.min_lr_ratio))
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    optimizer = _make_optimizer(config, model_without_ddp)
+    schedule = warmup_cosine(total_steps, warmup_steps, config.min_lr_ratio)
+    scheduler = LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
     history: dict[str, Any] = {"steps": [], "epochs": [], "evals": []}
-    epoch = global_step = 0
+    epoch = global_step = samples_seen = 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         epoch, global_step, history = checkpoint["epoch"], checkpoint["global_step"], checkpoint["history"]
-        restore_rng_state(checkpoint["rng"])
+        saved_world = checkpoint.get("world_size", 1)
+        saved_batch = checkpoint.get("global_batch", checkpoint["args"]["batch_size"])
+        samples_seen = checkpoint.get("samples_seen", global_step * saved_batch)
+        # Checkpoints fall on epoch boundaries, so the schedule continues at `epoch` epochs' worth of samples: the
+        # same step as before when the global batch is unchanged, its equivalent in the new steps when it changed.
+        _set_schedule_position(scheduler, epoch * steps_per_epoch)
+        if saved_batch != global_batch:
+            logger.info("resuming with a global batch of %d (%d processes) instead of %d (%d processes): the "
+                        "schedule continues at epoch %d of %d", global_batch, context.world_size, saved_batch,
+                        saved_world, epoch, config.epochs)
+        rng_states = checkpoint.get("rng_per_rank") or [checkpoint["rng"]]
+        if len(rng_states) == context.world_size:
+            restore_rng_state(rng_states[context.rank])
+        else:  # each rank's random streams restart from the seed, its rank and the epoch
+            seed_everything(_rank_seed(config.seed, context.rank) + epoch)
         del checkpoint  # its tensors are copied into the model and optimizer
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     logger.info(
         "%s (%s, %d classes, %.2fM trainable parameters) on %s%s: %d images, %d steps/epoch x %d epochs, "
-        "batch %d, %s lr %g", config.model, _describe_backbone(spec), spec.num_classes, trainable / 1e6, device,
-        " with mixed precision" if use_amp else "", len(train_set), steps_per_epoch, config.epochs, batch_size,
-        config.optimizer, config.lr,
+        "batch %d%s, %s lr %g", config.model, _describe_backbone(spec), spec.num_classes, trainable / 1e6,
+        f"{context.world_size} processes ({context.backend}, {device.type})" if context.enabled else device,
+        f" with mixed precision ({config.amp_dtype})" if use_amp else "", len(train_set), steps_per_epoch,
+        config.epochs, global_batch,
+        f" (= {context.world_size} x {batch_size} x {config.accumulate} accumulated)" if global_batch != batch_size
+        else "", config.optimizer, config.lr,
     )
 
     checkpoint_path = output / CHECKPOINT_NAME
     plot_path = output / PLOT_NAME
     final_metrics = history["evals"][-1] if history["evals"] else None
-    run_args = {**config.to_dict(), "data_paths": data_paths.to_dict()}
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=total_steps, initial=global_step, unit="step", dynamic_ncols=True, disable=not config.progress,
-               desc=f"epoch {epoch + 1}/{config.epochs}")
+    run_args = {**config.to_dict(), "data_paths": setup["data_paths"].to_dict()}
+    parameters = [p for p in model_without_ddp.parameters() if p.requires_grad]
+    bar = tqdm(total=total_steps, initial=min(global_step, total_steps), unit="step", dynamic_ncols=True,
+               disable=not (config.progress and main), desc=f"epoch {epoch + 1}/{config.epochs}")
+    persistent = config.persistent_workers and config.workers > 0
+    loader = None
     stopped_early = False
     try:
         while epoch < config.epochs:
-            # The shuffling order and the DataLoader workers' seeds come from this generator: the same for an
-            # epoch whether or not the run was resumed before it.
-            generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-            loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
-                                num_workers=config.workers, collate_fn=collate_fn, generator=generator,
-                                pin_memory=device.type == "cuda")
+            batch_sampler.set_epoch(epoch)
+            if loader is None or not persistent:
+                # The DataLoader workers' seeds come from this generator: the same for an epoch whether or not the
+                # run was resumed before it (persistent workers keep the seeds of the epoch they started in).
+                generator = torch.Generator().manual_seed(_rank_seed(config.seed * 100_003 + epoch, context.rank))
+                loader = DataLoader(train_set, batch_sampler=batch_sampler, num_workers=config.workers,
+                                    collate_fn=collate_fn, generator=generator, pin_memory=device.type == "cuda",
+                                    persistent_workers=persistent)
             model.train()
             bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
             epoch_loss, epoch_start, epoch_cpu = 0.0, time.perf_counter(), time.process_time()
-            for images, targets in loader:
-                images = [image.to(device, non_blocking=True) for image in images]
-                targets = _to_device(targets, device)
-                with torch.autocast(device.type, enabled=use_amp):
-                    losses = model(images, targets)
-                loss = sum(losses.values())
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-                    raise NonFiniteLossError(
-                        f"non-finite loss {loss_value} at step {global_step + 1} (epoch {epoch + 1}, lr "
-                        f"{scheduler.get_last_lr()[0]:.3g}): {terms}. Training stopped; the last checkpoint is "
-                        f"{checkpoint_path if checkpoint_path.exists() else 'not written yet'}. Try a lower --lr."
-                    )
+            batches = iter(loader)
+            for _ in range(steps_per_epoch):
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                step_loss = 0.0
+                for micro in range(config.accumulate):
+                    images, targets = _next_batch(batches, context, global_step + 1, epoch + 1)
+                    images = [image.to(device, non_blocking=True) for image in images]
+                    if config.channels_last_on(device):
+                        images = [image.contiguous(memory_format=torch.channels_last) for image in images]
+                    targets = _to_device(targets, device)
+                    last_micro = micro == config.accumulate - 1
+                    # DDP averages the gradients over the ranks at the backward of the last micro-batch only.
+                    sync = contextlib.nullcontext() if last_micro or not context.enabled else model.no_sync()
+                    with sync:
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                            losses = model(images, targets)
+                        loss = sum(losses.values())
+                        loss_value = all_reduce_sum(context, [float(loss.detach())])[0] / context.world_size
+                        if not math.isfinite(loss_value):
+                            _raise_non_finite(context, losses, loss_value, global_step + 1, epoch + 1,
+                                              scheduler.get_last_lr()[0], checkpoint_path)
+                        scaler.scale(loss / config.accumulate).backward()
+                    step_loss += loss_value / config.accumulate
                 if config.clip_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
@@ -417,10 +488,12 @@ def train(config: TrainConfig, *, given: Collection[str] | None = None) -> Train
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 global_step += 1
-                epoch_loss += loss_value
-                history["steps"].append({"step": global_step, "epoch": epoch + 1, "loss": loss_value, "lr": lr})
+                samples_seen += global_batch
+                epoch_loss += step_loss
+                history["steps"].append({"step": global_step, "epoch": epoch + 1, "loss": step_loss, "lr": lr})
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
+            del batches
             epoch += 1
             epoch_record = {"epoch": epoch, "step": global_step, "loss": epoch_loss / max(steps_per_epoch, 1),
                             "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start,
@@ -430,30 +503,37 @@ def train(config: TrainConfig, *, given: Collection[str] | None = None) -> Train
                         epoch_record["seconds"])
             evaluated = val_set is not None and (epoch % config.eval_interval == 0 or epoch == config.epochs)
             if evaluated:
-                metrics = evaluate_model(model, val_set, spec.label_to_cat_id, device=device,
+                metrics = evaluate_model(model_without_ddp, val_set, spec.label_to_cat_id, device=device,
                                          batch_size=config.eval_batch_size, workers=config.workers,
-                                         progress=config.progress)
+                                         progress=config.progress and main, context=context)
                 final_metrics = {"epoch": epoch, "step": global_step, **metrics}
                 history["evals"].append(final_metrics)
                 per_category = ", ".join(f"{name} {v['AP50']:.2f}" for name, v in metrics["per_category"].items())
                 logger.info("epoch %d: val AP %.3f, AP50 %.3f (AP50 by category: %s; %.0f s)", epoch, metrics["AP"],
                             metrics["AP50"], per_category, metrics["seconds"])
-            save_checkpoint(checkpoint_path, {
-                "version": CHECKPOINT_VERSION,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "global_step": global_step,
-                "rng": capture_rng_state(),
-                "args": run_args,
-                "history": history,
-                "model_spec": spec.to_dict(),
-            })
-            _write_json(output / HISTORY_NAME, history)
+            rng_states = _gather_rng_states(context)
+            if main:
+                assert rng_states is not None
+                save_checkpoint(checkpoint_path, {
+                    "version": CHECKPOINT_VERSION,
+                    "model": model_without_ddp.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "global_step": global_step,
+                    "samples_seen": samples_seen,
+                    "world_size": context.world_size,
+                    "global_batch": global_batch,
+                    "rng": rng_states[0],
+                    "rng_per_rank": rng_states,
+                    "args": run_args,
+                    "history": history,
+                    "model_spec": spec.to_dict(),
+                })
+                _write_json(output / HISTORY_NAME, history)
             stop = config.stop_after_epoch is not None and config.stop_after_epoch <= epoch < config.epochs
-            if evaluated or stop or epoch == config.epochs:  # a plot costs a second or two of CPU
+            if main and (evaluated or stop or epoch == config.epochs):  # a plot costs a second or two of CPU
                 plot_history(history, plot_path, title=f"{config.model}, {_describe_backbone(spec)}")
             if stop:
                 logger.info("stopping after epoch %d as asked; continue with --resume %s", epoch, checkpoint_path)
@@ -465,10 +545,159 @@ def train(config: TrainConfig, *, given: Collection[str] | None = None) -> Train
     weights = None
     if not stopped_early:
         weights = output / SAFETENSORS_NAME
-        export_safetensors(model, weights, spec.to_dict())
+        if main:
+            export_safetensors(model_without_ddp, weights, spec.to_dict())
+    barrier(context)  # every rank returns once the files are written
     return TrainResult(output=output, checkpoint=checkpoint_path, weights=weights, plot=plot_path, history=history,
                        epoch=epoch, global_step=global_step, seconds=time.perf_counter() - start_time,
-                       final_metrics=final_metrics, completed=not stopped_early)
+                       final_metrics=final_metrics, completed=not stopped_early, world_size=context.world_size)
+
+
+def _set_up(config: TrainConfig, given: Collection[str] | None, context: DistributedContext) -> dict[str, Any]:
+    """Settings (merged with the checkpoint's on resume), data and model, the same on every rank."""
+    output = Path(config.output)
+    resume_path = find_resume_checkpoint(config.resume, output)
+    checkpoint: dict[str, Any] | None = None
+    if resume_path is not None:
+        checkpoint = load_checkpoint(resume_path)
+        config = _merge_resumed_config(config, checkpoint["args"], given)
+        logger.info("resuming %s from epoch %d, step %d (written by %d processes)", resume_path, checkpoint["epoch"],
+                    checkpoint["global_step"], checkpoint.get("world_size", 1))
+    config.validate()
+    device = context.device
+    if context.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    use_amp = device.type == "cuda" if config.amp is None else bool(config.amp)
+    if use_amp and device.type != "cuda":
+        raise ValueError("mixed precision (--amp) needs a CUDA device")
+    if config.sync_bn and device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA (SyncBatchNorm runs on GPUs only); on CPU freeze BatchNorm instead "
+                         "(e.g. --model-kwargs '{\"frozen_batch_norm\": true}' for the FPN models) or leave it "
+                         "per process")
+    if config.aspect_ratio_groups and config.model == "ssdlite":
+        raise ValueError("--aspect-ratio-groups is for the FPN models, which keep the aspect ratio; SSDLite resizes "
+                         "every image to a square")
+    seed_everything(config.seed)  # the same initial weights on every rank (DDP checks that they agree)
+
+    data_paths = DataPaths.resolve(config.data_root, config.train_images, config.train_annotations,
+                                   config.val_images, config.val_annotations, data_format=config.data_format)
+    masks = config.model == "maskrcnn"
+    skip = config.skip_bad_images
+    train_set = open_split(data_paths, "train", _train_transforms(config), masks=masks, skip_bad_images=skip)
+    val_set = open_split(data_paths, "val", make_eval_transforms(), skip_bad_images=skip) if config.eval_interval \
+        else None
+    check_images([train_set, val_set], skip_bad_images=skip)  # one message listing every missing/unreadable file
+    if val_set is not None and val_set.label_to_cat_id != train_set.label_to_cat_id:
+        raise ValueError(f"{val_set.annotation_file} and {train_set.annotation_file} have different categories")
+
+    if checkpoint is not None:
+        spec = ModelSpec.from_dict(checkpoint["model_spec"])
+        if spec.label_to_cat_id != train_set.label_to_cat_id:
+            raise ValueError(f"{resume_path} was trained on other categories than {train_set.annotation_file}")
+    else:
+        spec = _model_spec(config, list(train_set.categories), dict(train_set.label_to_cat_id))
+    model = build_model(spec)
+    spec.kwargs["depth_multiplier"] = backbone_depth_multiplier(model)  # evaluate/predict rebuild without weights
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    if config.sync_bn:  # frozen BatchNorms are not BatchNorm modules and stay frozen
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if config.channels_last_on(device):
+        model.to(memory_format=torch.channels_last)
+    if context.rank:  # augmentations and samplers in this process draw other numbers than rank 0's
+        seed_everything(_rank_seed(config.seed, context.rank))
+    return {"config": config, "device": device, "spec": spec, "model": model, "train_set": train_set,
+            "val_set": val_set, "checkpoint": checkpoint, "resume_path": resume_path, "data_paths": data_paths}
+
+
+def _gather_rng_states(context: DistributedContext) -> list[dict[str, Any]] | None:
+    """Every rank's generator states, on rank 0 (None elsewhere), to save in the checkpoint."""
+    if not context.enabled:
+        return [capture_rng_state()]
+    # all_gather_object cannot pickle the generators' byte tensors in this torch; send them as torch.save bytes.
+    buffer = io.BytesIO()
+    torch.save(capture_rng_state(), buffer)
+    gathered = gather_to_main(context, buffer.getvalue())
+    if gathered is None:
+        return None
+    return [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """A seed of its own for each rank; rank 0 keeps `seed`, so one process runs as it always did."""
+    return seed + 1_000_003 * rank
+
+
+def _train_transforms(config: TrainConfig) -> Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]:
+    """The SSD augmentation recipe, or (`augment=False`) the resize alone; with aspect-ratio grouping the images
+    keep their aspect ratio and the detector's own transform resizes them (`min_size`/`max_size`)."""
+    if config.augment:
+        steps = list(make_train_transforms(config.image_size, zoom_out=config.zoom_out,
+                                           hflip_prob=config.hflip_prob).transforms)
+    else:
+        steps = [v2.ToImage(), v2.Resize((config.image_size, config.image_size), antialias=True),
+                 v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(), v2.ToDtype(torch.float32, scale=True)]
+    if config.aspect_ratio_groups:
+        steps = [step for step in steps if not isinstance(step, v2.Resize)]
+    return v2.Compose(steps)
+
+
+def _set_schedule_position(scheduler: LambdaLR, step: int) -> None:
+    """Put the learning-rate schedule at `step` (and the optimizer's learning rates with it)."""
+    scheduler.last_epoch = step
+    lrs = [base * scheduler.lr_lambdas[0](step) for base in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports, as LambdaLR.step() sets it
+
+
+def _next_batch(batches: Iterator[Any], context: DistributedContext, step: int, epoch: int) -> Any:
+    """The next batch of this rank, once every rank has one: a bad image anywhere stops every rank together.
+
+    Without that agreement a rank whose loader failed would leave the others waiting in DDP's gradient
+    all-reduce until the process-group timeout. A batch that lost all its images to `skip_bad_images` is skipped
+    (the step averages the others), and the loader's exception never reaches the user with a worker traceback.
+    """
+    failure = None
+    batch: Any = None
+    try:
+        batch = next(batches)
+    except BadImageError as error:
+        failure = str(error)
+    empty = failure is None and not batch[0]
+    flags = all_reduce_sum(context, [float(failure is not None), float(empty)])
+    if flags[0]:
+        where = f"step {step}, epoch {epoch}"
+        if context.enabled:
+            messages = gather_to_main(context, failure)
+            if messages is not None:
+                failure = "; ".join(f"rank {rank}: {text}" for rank, text in enumerate(messages) if text)
+            where += "; every rank stopped"
+        error = BadImageError(f"{failure} ({where}). Fix or remove the file, or train with --skip-bad-images")
+        error.every_rank = True  # type: ignore[attr-defined]
+        raise error
+    if flags[1]:
+        logger.warning("step %d: a batch lost all its images to --skip-bad-images; taking the next one", step)
+        return _next_batch(batches, context, step, epoch)
+    return batch
+
+
+def _raise_non_finite(context: DistributedContext, losses: dict[str, torch.Tensor], loss_value: float, step: int,
+                      epoch: int, lr: float, checkpoint_path: Path) -> None:
+    """Raise `NonFiniteLossError` on every rank (they all see the NaN mean), naming the ranks and their terms."""
+    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+    gathered = gather_to_main(context, terms) if context.enabled else [terms]
+    if context.enabled and gathered is not None:
+        terms = "; ".join(f"rank {rank}: {text}" for rank, text in enumerate(gathered))
+    error = NonFiniteLossError(
+        f"non-finite loss {loss_value} at step {step} (epoch {epoch}, lr {lr:.3g}): {terms}. Training stopped; the "
+        f"last checkpoint is {checkpoint_path if checkpoint_path.exists() else 'not written yet'}. Try a lower --lr."
+    )
+    error.every_rank = True  # type: ignore[attr-defined]
+    raise error
 
 
 def _describe_backbone(spec: ModelSpec) -> str:
