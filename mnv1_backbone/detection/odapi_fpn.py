@@ -9,9 +9,11 @@ Network, levels min_level..max_level (3..7 by default):
 * the MobileNetV1 trunk (our `MobileNetV1Backbone`): level l >= 2 taps `Conv2d_{3,5,11,13}_pointwise` for l = 2..5;
   with `use_depthwise` the OD-API narrows blocks 12 and 13 to 512 and 256 base channels
   (its `_create_modified_mobilenet_config`);
-* top-down: `fpn/projection_i` 1x1 convs with bias, no norm, no activation; the coarsest tapped level is its
-  projection alone; going down, nearest 2x upsampling (cropped to the finer map, as the OD-API does with explicit
-  padding) plus the next projection, then `fpn/smoothing_i` (3x3, BatchNorm, ReLU6; separable with `use_depthwise`);
+* top-down (variable scope `FeatureExtractor/MobilenetV1/fpn`: the OD-API opens it inside the trunk's scope):
+  `projection_i` 1x1 convs with bias, no norm, no activation; the coarsest tapped level is its projection alone;
+  going down, nearest 2x upsampling (cropped to the finer map, as the OD-API does with explicit padding) plus the
+  next projection, then `smoothing_i` (3x3, BatchNorm, ReLU6; separable with `use_depthwise`). With explicit padding
+  the OD-API carries the *padded* sum to the next level, which shifts that level's crop by one pixel; so does this;
 * bottom-up: levels above 5 are `fpn/bottom_up_Conv2d_{14,15,...}`, 3x3 stride 2 + BatchNorm + ReLU6 on the level below;
 * FPN depth `max(int(additional_layer_depth * depth_multiplier), min_depth)`;
 * the predictor: `BoxPredictionTower` and `ClassPredictionTower` (one `PredictionTower` if shared) of
@@ -54,17 +56,19 @@ __all__ = [
 FPN_LEVEL_BLOCKS = {2: 3, 3: 5, 4: 11, 5: 13}
 _MAX_BASE_LEVEL = 5
 _BACKBONE_SCOPE = "FeatureExtractor/MobilenetV1"
-_FPN_SCOPE = "FeatureExtractor/fpn"
+# The `fpn` variable scope is opened inside the `MobilenetV1` one (ssd_mobilenet_v1_fpn_feature_extractor.py).
+_FPN_SCOPE = "FeatureExtractor/MobilenetV1/fpn"
 _PREDICTOR_SCOPE = "WeightSharedConvolutionalBoxPredictor"
 # The OD-API's `check_min_image_dim(33, ...)`.
 MIN_IMAGE_SIZE = 33
 
 
-def _pad(x: Tensor, kernel_size: int, stride: int, explicit: bool) -> Tensor:
-    """TF's padding for a conv: `ops.fixed_padding` (symmetric, extra after) or "SAME" (depends on the size)."""
-    if kernel_size == 1:
+def _pad(x: Tensor, kernel_size: int, stride: int, padding: str) -> Tensor:
+    """TF's padding for a conv: "explicit" (`ops.fixed_padding`: symmetric, extra after), "same" (TF "SAME",
+    depends on the size) or "none" (the input is already padded)."""
+    if kernel_size == 1 or padding == "none":
         return x
-    if explicit:
+    if padding == "explicit":
         before = (kernel_size - 1) // 2
         after = kernel_size - 1 - before
         return F.pad(x, [before, after, before, after])
@@ -89,12 +93,14 @@ class _TFConv(nn.Module):
         stride: int = 1,
         separable: bool = False,
         bias: bool = False,
-        explicit_padding: bool = False,
+        padding: str = "same",
     ) -> None:
         super().__init__()
+        if padding not in ("same", "explicit", "none"):
+            raise ValueError(f"padding must be 'same', 'explicit' or 'none', got {padding!r}")
         self.kernel_size = kernel_size
         self.stride = stride
-        self.explicit_padding = explicit_padding
+        self.padding = padding
         if separable:
             self.depthwise: nn.Conv2d | None = nn.Conv2d(
                 in_channels, in_channels, kernel_size, stride=stride, groups=in_channels, bias=False
@@ -105,7 +111,7 @@ class _TFConv(nn.Module):
             self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _pad(x, self.kernel_size, self.stride, self.explicit_padding)
+        x = _pad(x, self.kernel_size, self.stride, self.padding)
         if self.depthwise is not None:
             x = self.depthwise(x)
         return self.conv(x)
@@ -121,14 +127,12 @@ class _FPNConv(nn.Module):
         *,
         stride: int,
         separable: bool,
-        explicit_padding: bool,
+        padding: str,
         eps: float,
         momentum: float,
     ) -> None:
         super().__init__()
-        self.convolution = _TFConv(
-            in_channels, out_channels, 3, stride=stride, separable=separable, explicit_padding=explicit_padding
-        )
+        self.convolution = _TFConv(in_channels, out_channels, 3, stride=stride, separable=separable, padding=padding)
         self.normalization = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
         self.activation = nn.ReLU6()
 
@@ -182,17 +186,16 @@ class MobileNetV1FPNFeatureExtractor(nn.Module):
         channels = {info.name: info.channels for info in self.backbone.feature_info}
         # projection_{i+1} and smoothing_{i+1} belong to the i-th tapped level (`fpn_top_down_feature_maps`).
         self.projections = nn.ModuleList(nn.Conv2d(channels[name], self.depth, 1) for name in self.tap_names)
-        common = {
-            "separable": use_depthwise,
-            "explicit_padding": use_explicit_padding,
-            "eps": batch_norm_eps,
-            "momentum": batch_norm_momentum,
-        }
+        common = {"separable": use_depthwise, "eps": batch_norm_eps, "momentum": batch_norm_momentum}
+        padding = "explicit" if use_explicit_padding else "same"
+        # With explicit padding the smoothing convs get their input already padded (see forward).
         self.smoothings = nn.ModuleList(
-            _FPNConv(self.depth, self.depth, stride=1, **common) for _ in range(len(self.tap_names) - 1)
+            _FPNConv(self.depth, self.depth, stride=1, padding="none" if use_explicit_padding else "same", **common)
+            for _ in range(len(self.tap_names) - 1)
         )
         self.bottom_up = nn.ModuleList(
-            _FPNConv(self.depth, self.depth, stride=2, **common) for _ in range(self.base_max_level + 1, max_level + 1)
+            _FPNConv(self.depth, self.depth, stride=2, padding=padding, **common)
+            for _ in range(self.base_max_level + 1, max_level + 1)
         )
 
     def _narrow_top_blocks(self, depth_multiplier: float, min_depth: int, eps: float, tf_padding: bool) -> None:
@@ -226,6 +229,11 @@ class MobileNetV1FPNFeatureExtractor(nn.Module):
             # padding TF only accepts sizes where the crop is a no-op (it fails on the others).
             top_down = top_down.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
             top_down = top_down[:, :, : residual.shape[2], : residual.shape[3]] + residual
+            if self.use_explicit_padding:
+                # `fpn_top_down_feature_maps` pads `top_down` in place before smoothing it, so the map it carries
+                # to the next finer level is the padded one: that level's crop keeps the padding's first row and
+                # column (a one-pixel shift). TF-exact means doing the same.
+                top_down = _pad(top_down, 3, 1, "explicit")
             outputs.insert(0, self.smoothings[i](top_down))
         last = outputs[-1]
         for layer in self.bottom_up:
