@@ -457,7 +457,7 @@ class MatcherConfig:
 class LossConfig:
     classification: str = "weighted_sigmoid"
     focal_gamma: float = 2.0
-    focal_alpha: float = 0.0
+    focal_alpha: float | None = None  # None: not set in the config, so no alpha weighting (losses_builder)
     localization: str = "weighted_smooth_l1"
     smooth_l1_delta: float = 1.0
     classification_weight: float = 1.0
@@ -778,7 +778,7 @@ def _loss(ssd: TextMessage) -> LossConfig:
     return LossConfig(
         classification=cls_kind or "weighted_sigmoid",
         focal_gamma=_get(focal, "gamma", float, 2.0),
-        focal_alpha=_get(focal, "alpha", float, 0.0),
+        focal_alpha=_get(focal, "alpha", float, None),
         localization=loc_kind or "weighted_smooth_l1",
         smooth_l1_delta=_get(smooth, "delta", float, 1.0),
         classification_weight=_get(loss, "classification_weight", float, 1.0),
