@@ -141,6 +141,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig
     add(scale, "--augment", "SSD augmentation; --no-augment resizes only", action=argparse.BooleanOptionalAction)
     add(scale, "--sync-bn", "BatchNorm statistics over all processes (SyncBatchNorm, CUDA only; frozen BatchNorm "
         "stays frozen)", action="store_true")
+    add(scale, "--freeze-bn", "BatchNorm uses its running statistics in training too (small batches, CPU)",
+        action="store_true")
     add(scale, "--amp-dtype", "autocast dtype with --amp", choices=AMP_DTYPES)
     add(scale, "--channels-last", "channels-last memory format; default on CUDA only",
         action=argparse.BooleanOptionalAction)

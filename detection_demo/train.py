@@ -134,6 +134,7 @@ class TrainConfig:
     accumulate: int = 1  # micro-batches of batch_size per optimizer step
     augment: bool = True  # False: resize only (no photometric distortion, zoom out, crop or flip)
     sync_bn: bool = False  # BatchNorm -> SyncBatchNorm across processes (CUDA only)
+    freeze_bn: bool = False  # BatchNorm normalises with its running statistics in training too (mmdet's norm_eval)
     amp_dtype: str = "float16"  # autocast dtype with --amp; bfloat16 needs no loss scaling
     channels_last: bool | None = None  # None: on CUDA only
     persistent_workers: bool = False  # keep DataLoader workers between epochs (their seeds then stay the first's)
@@ -455,6 +456,8 @@ def _train(config: TrainConfig, given: Collection[str] | None, context: Distribu
                                     collate_fn=collate_fn, generator=generator, pin_memory=device.type == "cuda",
                                     persistent_workers=persistent)
             model.train()
+            if config.freeze_bn:
+                _freeze_batch_norm(model_without_ddp)
             bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
             epoch_loss, epoch_start, epoch_cpu = 0.0, time.perf_counter(), time.process_time()
             batches = iter(loader)
@@ -624,6 +627,15 @@ def _gather_rng_states(context: DistributedContext) -> list[dict[str, Any]] | No
     if gathered is None:
         return None
     return [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]
+
+
+def _freeze_batch_norm(model: nn.Module) -> None:
+    """Every BatchNorm in eval mode: it normalises with its running statistics and no longer updates them, so a
+    sample's output does not depend on the others in its batch (small per-process batches, or CPU, where
+    SyncBatchNorm is not available); the affine weights still train."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def _rank_seed(seed: int, rank: int) -> int:
