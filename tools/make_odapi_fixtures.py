@@ -255,8 +255,9 @@ CASES = {
                             score_threshold=0.1, explicit_padding=True, depthwise=True),
         seed=2, frozen=False, class_bias=-0.5, legacy_anchors=True, clip_before_nms=True, quantized=False),
     "fpn_shared": dict(
-        config=_fpn_ssd(num_classes=3, size=128, score_threshold=0.1),
-        seed=3, frozen=True, class_bias=-2.5, legacy_anchors=False, clip_before_nms=False, quantized=False),
+        config=_fpn_ssd(num_classes=3, size=128, score_threshold=0.4),
+        seed=3, frozen=True, class_bias=-3.0, legacy_anchors=False, clip_before_nms=False, quantized=False,
+        calibrate_shared_heads=True),
     "ssd_quantized": dict(
         config=_classic_ssd(num_classes=4, size=128, kernel_size=1, score_converter="SIGMOID",
                             score_threshold=0.1) + _QUANT,
@@ -327,19 +328,50 @@ def _random_weights(sess, tf, rng, class_bias):
         elif leaf in ("weights", "depthwise_weights"):
             fan_in = shape[0] * shape[1] * (shape[2] if leaf == "weights" else 1)
             gain = 2.0  # He-style: keeps ReLU6 activations alive through the 13 blocks
-            if "ClassPredictor" in name:
+            if "ClassPredictor" in name and "Tower" not in name:
                 gain = 6.0  # logits spread ~1: a fair number of scores pass a low threshold, few ties
-            elif "BoxEncodingPredictor" in name:
+            elif name.endswith(("BoxEncodingPredictor/weights", "BoxPredictor/weights")):
                 gain = 1.5  # encodings ~0.6: boxes move and stretch visibly around their anchors
             value = rng.normal(0.0, np.sqrt(gain / fan_in), shape)
         elif leaf == "biases":
-            if "ClassPredictor" in name:
+            if name.endswith("ClassPredictor/biases"):
                 value = class_bias + rng.normal(0.0, 0.2, shape)
             else:
                 value = rng.normal(0.0, 0.1, shape)
         else:
             raise ValueError(f"no rule for variable {name} {shape}")
         var.load(value.astype(np.float32), sess)
+
+
+def _calibrate_shared_heads(sess, tf, run, feature_map_shapes, targets):
+    """Rescale the weight-shared predictor's output layers so that its outputs have a chosen mean and spread.
+
+    Why: the FPN tower's random activations are large, so plain draws give saturated scores (all ~1.0) and huge
+    box offsets. Outputs are linear in the last layer: per output channel (anchor k, column c) we set
+    W <- W * t / s and b <- mean_target - (t / s) * (mean - b), with mean and spread s over all positions of all
+    levels (the layer is shared) of both images. `run()` returns [(box_encodings, class_predictions)] per image.
+    """
+    scope = "WeightSharedConvolutionalBoxPredictor"
+    outputs = run()
+    for index, (layer, (std_target, mean_target)) in enumerate(targets.items()):
+        weights = [v for v in tf.global_variables() if v.op.name == f"{scope}/{layer}/weights"][0]
+        biases = [v for v in tf.global_variables() if v.op.name == f"{scope}/{layer}/biases"][0]
+        w, b = sess.run([weights, biases])
+        columns = outputs[0][index].shape[-1]
+        per_anchor = w.shape[-1] // columns
+        rows = []
+        for out in outputs:
+            start = 0
+            for h, wd in feature_map_shapes:
+                n = h * wd * per_anchor
+                rows.append(out[index][0, start:start + n].reshape(h * wd, per_anchor * columns))
+                start += n
+        values = np.concatenate(rows).astype(np.float64)
+        mean = values.mean(0)
+        scale = std_target / values.std(0)
+        target = np.tile(np.asarray(mean_target, np.float64), per_anchor)
+        weights.load((w * scale).astype(np.float32), sess)
+        biases.load((target - scale * (mean - b)).astype(np.float32), sess)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -396,6 +428,17 @@ def build_case(name, spec, tf, images):
             sess = tf.Session(graph=graph)
             sess.run(tf.global_variables_initializer())
             _random_weights(sess, tf, np.random.default_rng(spec["seed"]), spec["class_bias"])
+            if spec.get("calibrate_shared_heads"):
+                shapes = [fm.shape.as_list()[1:3] for fm in predictions["feature_maps"]]
+
+                def run():
+                    return [sess.run([fetch["box_encodings"], fetch["class_predictions"]], {placeholder: img[None]})
+                            for img in images]
+
+                columns = fetch["class_predictions"].shape.as_list()[-1]
+                _calibrate_shared_heads(sess, tf, run, shapes, {
+                    "BoxPredictor": (0.6, [0.0] * 4),
+                    "ClassPredictor": (1.0, [spec["class_bias"]] * columns)})
             results = [sess.run(fetch, {placeholder: img[None]}) for img in images]
             saver = tf.train.Saver(write_version=tf.train.SaverDef.V2)
             saver.save(sess, str(out / "model.ckpt"), write_meta_graph=False, write_state=False)
