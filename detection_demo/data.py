@@ -48,7 +48,7 @@ import PIL.Image
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -84,6 +84,8 @@ COCO_STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "
 BACKGROUND_NAMES: frozenset[str] = frozenset({"_background_", "__background__"})
 
 Target = dict[str, Any]
+
+_SKIP_SLOTS = 257  # skip counters: the main process and up to 256 DataLoader workers without sharing a slot
 
 
 class BadImageError(ValueError):
@@ -309,8 +311,10 @@ class CocoDetectionDataset(Dataset):
         self.transforms = transforms
         self.min_box_size = min_box_size
         self.skip_bad_images = skip_bad_images
-        # Shared memory, so that samples skipped in DataLoader worker processes count in the main process.
-        self._skipped = multiprocessing.Value("q", 0)
+        # Shared memory, so that samples skipped in DataLoader worker processes count in the main process: one slot
+        # per process (the main one, then worker k), so no lock is needed, and no lock ties the counter to one
+        # multiprocessing start method (a fork-made lock cannot go to spawned workers).
+        self._skipped = multiprocessing.RawArray("q", _SKIP_SLOTS)
         if annotations is None:
             self.coco = load_coco_annotations(self.annotation_file)
         else:
@@ -398,8 +402,9 @@ class CocoDetectionDataset(Dataset):
 
     @property
     def skipped_images(self) -> int:
-        """Samples skipped so far because their image could not be read (all DataLoader workers together)."""
-        return int(self._skipped.value)
+        """Samples skipped so far because their image could not be read (all DataLoader workers together; two loaders
+        running over the same dataset at once could lose a count: their workers share slots)."""
+        return int(sum(self._skipped))
 
     def summary(self) -> dict[str, int]:
         """Counts of images, kept boxes and dropped annotations (see `DatasetSummary`)."""
@@ -467,8 +472,8 @@ class CocoDetectionDataset(Dataset):
         except BadImageError as error:
             if not self.skip_bad_images:
                 raise
-            with self._skipped.get_lock():
-                self._skipped.value += 1
+            worker = get_worker_info()
+            self._skipped[0 if worker is None else 1 + worker.id % (_SKIP_SLOTS - 1)] += 1
             logger.warning("skipped a sample (--skip-bad-images): %s", error)
             return None
 
