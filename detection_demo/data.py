@@ -587,6 +587,9 @@ def check_images(
     for dataset, images in found:
         dataset.skip_bad_images = skip_bad_images
         if images:
+            if len(images) == len(dataset):
+                raise BadImageError(f"{dataset.annotation_file}: none of its {len(images)} images can be used, e.g. "
+                                    f"{images[0].path}: {images[0].problem}")
             dataset.exclude_images(image.image_id for image in images)
             logger.warning("%s: left out %d missing or unreadable images (--skip-bad-images): %s",
                            dataset.annotation_file, len(images), ", ".join(str(image.path) for image in images))

@@ -420,3 +420,12 @@ def test_labelme_coco_trains_and_evaluates(tmp_path: Path) -> None:
     assert {d["image_id"] for d in detections} <= {0, 1, 2, 3}
     assert {d["category_id"] for d in detections} <= {1, 2}
     assert 0 in {d["image_id"] for d in detections}
+
+
+def test_skipping_every_image_of_a_split_is_an_error(tmp_path: Path) -> None:
+    root = _coco_root(tmp_path, num_train=2, num_val=1)
+    (root / "val" / "001.jpg").unlink()
+    paths = DataPaths.resolve(root)
+    with pytest.raises(BadImageError, match=r"instances_val\.json: none of its 1 images can be used, e.g. .*001\.jpg: "
+                                            "missing"):
+        check_images([open_split(paths, "train"), open_split(paths, "val")], skip_bad_images=True)
