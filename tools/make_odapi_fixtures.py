@@ -144,8 +144,8 @@ _LOSS = """
 """
 
 
-def _classic_ssd(*, num_classes, size, kernel_size, score_converter, score_threshold, explicit_padding=False,
-                 depthwise=False):
+def _classic_ssd(*, num_classes, size, kernel_size, score_converter, score_threshold, iou_threshold,
+                 explicit_padding=False, depthwise=False):
     extra = ""
     if explicit_padding:
         extra += "      use_explicit_padding: true\n"
@@ -178,7 +178,7 @@ model {{
     }}
 {_LOSS}
     post_processing {{
-      batch_non_max_suppression {{ score_threshold: {score_threshold} iou_threshold: 0.6
+      batch_non_max_suppression {{ score_threshold: {score_threshold} iou_threshold: {iou_threshold}
                                    max_detections_per_class: 20 max_total_detections: 30 }}
       score_converter: {score_converter}
     }}
@@ -187,7 +187,7 @@ model {{
 """
 
 
-def _fpn_ssd(*, num_classes, size, score_threshold):
+def _fpn_ssd(*, num_classes, size, score_threshold, iou_threshold):
     return f"""
 model {{
   ssd {{
@@ -235,7 +235,7 @@ model {{
     normalize_loss_by_num_matches: true
     normalize_loc_loss_by_codesize: true
     post_processing {{
-      batch_non_max_suppression {{ score_threshold: {score_threshold} iou_threshold: 0.6
+      batch_non_max_suppression {{ score_threshold: {score_threshold} iou_threshold: {iou_threshold}
                                    max_detections_per_class: 20 max_total_detections: 30 }}
       score_converter: SIGMOID
     }}
@@ -248,20 +248,22 @@ _QUANT = "\ngraph_rewriter { quantization { delay: 0 weight_bits: 8 activation_b
 
 CASES = {
     "ssd_k1_sigmoid": dict(
-        config=_classic_ssd(num_classes=4, size=128, kernel_size=1, score_converter="SIGMOID", score_threshold=0.35),
+        config=_classic_ssd(num_classes=4, size=128, kernel_size=1, score_converter="SIGMOID", score_threshold=0.35,
+                            iou_threshold=0.45),
         seed=1, frozen=True, class_bias=-3.0, legacy_anchors=False, clip_before_nms=False, quantized=False),
     "ssd_k3_legacy_explicit_depthwise_softmax": dict(
         config=_classic_ssd(num_classes=3, size=128, kernel_size=3, score_converter="SOFTMAX",
-                            score_threshold=0.1, explicit_padding=True, depthwise=True),
-        seed=2, frozen=False, class_bias=-0.5, legacy_anchors=True, clip_before_nms=True, quantized=False),
+                            score_threshold=0.3, iou_threshold=0.4, explicit_padding=True, depthwise=True),
+        seed=2, frozen=False, class_bias=0.0, background_bias=2.0, legacy_anchors=True, clip_before_nms=True,
+        quantized=False),
     "fpn_shared": dict(
-        config=_fpn_ssd(num_classes=3, size=128, score_threshold=0.4),
+        config=_fpn_ssd(num_classes=3, size=128, score_threshold=0.4, iou_threshold=0.45),
         seed=3, frozen=True, class_bias=-3.0, legacy_anchors=False, clip_before_nms=False, quantized=False,
         calibrate_shared_heads=True),
     "ssd_quantized": dict(
         config=_classic_ssd(num_classes=4, size=128, kernel_size=1, score_converter="SIGMOID",
-                            score_threshold=0.1) + _QUANT,
-        seed=4, frozen=True, class_bias=-2.5, legacy_anchors=False, clip_before_nms=False, quantized=True),
+                            score_threshold=0.35, iou_threshold=0.45) + _QUANT,
+        seed=4, frozen=False, class_bias=-3.0, legacy_anchors=False, clip_before_nms=False, quantized=True),
 }
 
 
@@ -309,7 +311,7 @@ def _clip_before_nms(model, tf):
 # --------------------------------------------------------------------------------------------- weights
 
 
-def _random_weights(sess, tf, rng, class_bias):
+def _random_weights(sess, tf, rng, class_bias, background_bias=0.0, columns=None):
     """Overwrite every variable with a seeded draw; BatchNorm statistics perturbed so outputs are not trivial."""
     for var in tf.global_variables():
         name = var.op.name
@@ -336,6 +338,8 @@ def _random_weights(sess, tf, rng, class_bias):
         elif leaf == "biases":
             if name.endswith("ClassPredictor/biases"):
                 value = class_bias + rng.normal(0.0, 0.2, shape)
+                if background_bias:  # SOFTMAX: column 0 of every anchor is the background logit
+                    value[np.arange(shape[0]) % columns == 0] += background_bias
             else:
                 value = rng.normal(0.0, 0.1, shape)
         else:
@@ -427,7 +431,8 @@ def build_case(name, spec, tf, images):
             }
             sess = tf.Session(graph=graph)
             sess.run(tf.global_variables_initializer())
-            _random_weights(sess, tf, np.random.default_rng(spec["seed"]), spec["class_bias"])
+            _random_weights(sess, tf, np.random.default_rng(spec["seed"]), spec["class_bias"],
+                            spec.get("background_bias", 0.0), fetch["class_predictions"].shape.as_list()[-1])
             if spec.get("calibrate_shared_heads"):
                 shapes = [fm.shape.as_list()[1:3] for fm in predictions["feature_maps"]]
 
