@@ -396,6 +396,11 @@ def test_voc_dataset_trains_and_evaluates(tmp_path: Path, capsys: pytest.Capture
     assert metrics["annotation_file"] == str(root / "ImageSets" / "Main" / "val.txt")
     assert 0.0 <= metrics["AP"] <= 1.0 and 0.0 <= metrics["VOC_AP50"] <= 1.0
     assert set(metrics["per_category"]) == set(VOC_CLASSES)
+    # The same split named on the command line gives the same numbers.
+    again = tmp_path / "again.json"
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoint_last.pt"), "--data-root", str(root),
+                 "--data-format", "voc", "--output", str(again), "--no-progress"]) == 0
+    assert json.loads(again.read_text())["VOC_AP50"] == metrics["VOC_AP50"]
     capsys.readouterr()
 
 
