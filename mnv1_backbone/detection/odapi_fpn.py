@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from ..backbone import MobileNetV1Backbone, block_output_name
 from ..errors import StateDictMismatchError, WeightsFormatError
-from ..layers import ConvNormActivation, tf_same_padding
+from ..layers import ConvNormActivation, init_weights, tf_same_padding
 
 __all__ = [
     "FPN_LEVEL_BLOCKS",
@@ -209,6 +209,8 @@ class MobileNetV1FPNFeatureExtractor(nn.Module):
         layers[23] = ConvNormActivation(in_12, out_12, 1, **common)
         layers[24] = ConvNormActivation(out_12, out_12, 3, groups=out_12, **common)
         layers[25] = ConvNormActivation(out_12, out_13, 1, **common)
+        for index in (23, 24, 25):
+            init_weights(layers[index])
         self.backbone.feature_info = tuple(
             dataclasses.replace(info, channels=out_13) if info.index == 13 else info
             for info in self.backbone.feature_info
