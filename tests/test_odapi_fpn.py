@@ -395,12 +395,14 @@ def test_fixture_configs_match_the_arguments_used():
         assert f"scales_per_octave: {anchor_options['scales_per_octave']}" in text, name
 
 
-def test_end_to_end_detections_match_tensorflow():
+@pytest.mark.parametrize("source", ["model folder (checkpoint)", "frozen_inference_graph.pb"])
+def test_end_to_end_detections_match_tensorflow(source):
     """A's `from_tf_object_detection` on the fpn_shared export: same detections as TF from the raw photos."""
     odapi = pytest.importorskip("mnv1_backbone.detection.odapi")
     if not (ZOO_CASE / "reference.npz").exists():
         pytest.skip("fixture fpn_shared not written yet")
-    model = odapi.from_tf_object_detection(ZOO_CASE)
+    path = ZOO_CASE / source if source.endswith(".pb") else ZOO_CASE
+    model = odapi.from_tf_object_detection(path)
     reference = np.load(ZOO_CASE / "reference.npz")
     for i in range(2):
         image = reference[f"image_{i}"]
