@@ -33,6 +33,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 from ..backbone import MobileNetV1Backbone
 from ..config import STAGES, MobileNetV1Config
 from ..layers import FrozenBatchNorm2d
+from .odapi import from_tf_object_detection as from_tf_object_detection  # TF OD-API import (issue 12)
 
 __all__ = [
     "MobileNetV1FPN",

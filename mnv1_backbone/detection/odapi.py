@@ -345,6 +345,12 @@ class ODAPISSDDetector(nn.Module):
         id2label: class id (1-based) -> name.
         score_thresh, nms_thresh, detections_per_img: override the config's post-processing
             (``score_threshold``, ``iou_threshold``, ``max_total_detections``).
+
+    Attributes:
+        freeze_batch_norm_statistics: True (default) keeps every BatchNorm's running statistics fixed in
+            ``train()`` (their scale and shift still learn), as torchvision does for pretrained backbones: the
+            OD-API trained them on batches of 24-64, and the small batches of fine-tuning (and the 1x1 top maps)
+            cannot give usable batch statistics. Set it to False to train them as the OD-API does.
     """
 
     def __init__(
@@ -378,6 +384,7 @@ class ODAPISSDDetector(nn.Module):
             raise ValueError("legacy_anchor_order applies to ssd_anchor_generator models, not to ssd_mobilenet_v1_fpn")
         self.config = config
         self.network = network
+        self.freeze_batch_norm_statistics = True
         self.legacy_anchor_order = bool(legacy_anchor_order)
         self.clip_before_nms = bool(clip_before_nms)
         labels = dict(id2label) if id2label else _default_labels(config.num_classes)
@@ -425,6 +432,14 @@ class ODAPISSDDetector(nn.Module):
             raise ValueError(f"the anchor generator makes {anchors.shape[0]} anchors but the network predicts "
                              f"{logits.shape[1]} boxes (feature maps {shapes})")
         return anchors.to(torch.float32), shapes
+
+    def train(self, mode: bool = True) -> ODAPISSDDetector:
+        super().train(mode)
+        if mode and self.freeze_batch_norm_statistics:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     # --- inference -------------------------------------------------------------------------------------------
 
@@ -562,7 +577,8 @@ class ODAPISSDDetector(nn.Module):
         matched = match >= 0
         safe = match.clamp(min=0)
         cls_t = torch.zeros(num_anchors, num_slots, device=device)
-        cls_t[:, 0] = 1.0
+        if not self.config.encode_background_as_zeros:
+            cls_t[:, 0] = 1.0
         if gt.shape[0]:
             onehot = F.one_hot(labels[safe].long(), num_slots).to(cls_t)
             cls_t = torch.where(matched[:, None], onehot, cls_t)
@@ -895,7 +911,8 @@ def _resolve_labels(label_map: Any, folder: Path, num_classes: int) -> dict[int,
     if len(found) == 1:
         return read_label_map(found[0])
     if num_classes == 90:
-        return coco_label_map()
+        coco = coco_label_map()
+        return {i: coco.get(i, "N/A") for i in range(1, 91)}
     return _default_labels(num_classes)
 
 

@@ -486,6 +486,7 @@ class SSDPipelineConfig:
     loss: LossConfig = LossConfig()
     normalize_loss_by_num_matches: bool = True
     normalize_loc_loss_by_codesize: bool = False
+    encode_background_as_zeros: bool = False  # training only: unmatched anchors' class target is all zeros
     use_moving_averages: bool = False
     quantized: bool = False
 
@@ -605,7 +606,7 @@ def _ssd_config(root: TextMessage) -> SSDPipelineConfig:
     for name in ("add_background_class",):
         if not _get(ssd, name, bool, True):
             raise _refuse(ssd.child_path(name), f"{name}: false")
-    for name in ("explicit_background_class", "encode_background_as_zeros", "use_confidences_as_targets"):
+    for name in ("explicit_background_class", "use_confidences_as_targets"):
         if _get(ssd, name, bool, False):
             raise _refuse(ssd.child_path(name), f"{name}: true")
     if ssd.has("mask_head_config"):
@@ -626,6 +627,7 @@ def _ssd_config(root: TextMessage) -> SSDPipelineConfig:
         loss=_loss(ssd),
         normalize_loss_by_num_matches=_get(ssd, "normalize_loss_by_num_matches", bool, True),
         normalize_loc_loss_by_codesize=_get(ssd, "normalize_loc_loss_by_codesize", bool, False),
+        encode_background_as_zeros=_get(ssd, "encode_background_as_zeros", bool, False),
         use_moving_averages=_get(eval_config, "use_moving_averages", bool, False),
         quantized=rewriter is not None and rewriter.has("quantization"),
     )
