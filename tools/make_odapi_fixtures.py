@@ -257,12 +257,12 @@ CASES = {
         seed=2, frozen=False, class_bias=0.0, background_bias=2.0, legacy_anchors=True, clip_before_nms=True,
         quantized=False),
     "fpn_shared": dict(
-        config=_fpn_ssd(num_classes=3, size=128, score_threshold=0.4, iou_threshold=0.45),
+        config=_fpn_ssd(num_classes=3, size=128, score_threshold=0.395, iou_threshold=0.45),
         seed=3, frozen=True, class_bias=-3.0, legacy_anchors=False, clip_before_nms=False, quantized=False,
         calibrate_shared_heads=True),
     "ssd_quantized": dict(
         config=_classic_ssd(num_classes=4, size=128, kernel_size=1, score_converter="SIGMOID",
-                            score_threshold=0.35, iou_threshold=0.45) + _QUANT,
+                            score_threshold=0.7, iou_threshold=0.45) + _QUANT,
         seed=4, frozen=False, class_bias=-3.0, legacy_anchors=False, clip_before_nms=False, quantized=True),
 }
 
@@ -497,50 +497,61 @@ def _check_frozen(tf, out, images, results):
 
 
 def _add_quant_ranges(sess, tf, graph, placeholder, images, out):
-    """Append contrib.quantize-style FakeQuant range variables to the checkpoint (see module docstring, 5)."""
-    from tensorflow.python.training import py_checkpoint_reader  # noqa: F401  (real TF module, via sys.modules)
+    """Re-save the checkpoint with contrib.quantize-style FakeQuant range variables beside the float weights.
 
-    values = {}
-    for var in tf.global_variables():
-        values[var.op.name] = sess.run(var)
+    contrib.quantize names its variables after the convolution op's name scope (the "context"), which for the
+    MobileNetV1 body is `FeatureExtractor/MobilenetV1/MobilenetV1/Conv2d_0` (op scope, doubled) while the weights
+    live in `FeatureExtractor/MobilenetV1/Conv2d_0`. For every convolution we add
+    `<context>/weights_quant/min|max`: the range of the weights the rewrite quantizes (BatchNorm folded in,
+    w * gamma / sqrt(moving_variance + 0.001), widened to include 0 as LastValueQuantize does) and
+    `<context>/act_quant/min|max`: the observed range of the layer's output (Relu6, or BiasAdd for the linear
+    predictor layers) on the fixture images, widened to include 0 (what MovingAvgQuantize converges to).
+    """
+    values = {var.op.name: sess.run(var) for var in tf.global_variables()}
     extra = {}
     for name, value in list(values.items()):
         leaf = name.rsplit("/", 1)[-1]
         if leaf not in ("weights", "depthwise_weights"):
             continue
         layer = name.rsplit("/", 1)[0]
-        extra[f"{layer}/weights_quant/min"] = np.float32(min(value.min(), 0.0))
-        extra[f"{layer}/weights_quant/max"] = np.float32(max(value.max(), 0.0))
-        if "Predictor" in layer:
-            # linear outputs: observed range of the layer's output on the fixture images
-            op = _layer_output(graph, layer)
-            lo, hi = 0.0, 0.0
-            for img in images:
-                v = sess.run(op, {placeholder: img[None]})
-                lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
-            extra[f"{layer}/act_quant/min"] = np.float32(lo)
-            extra[f"{layer}/act_quant/max"] = np.float32(hi)
-        else:
-            extra[f"{layer}/act_quant/min"] = np.float32(0.0)
-            extra[f"{layer}/act_quant/max"] = np.float32(6.0)
+        convs = [op for op in graph.get_tensor_by_name(name + "/read:0").consumers()
+                 if op.type in ("Conv2D", "DepthwiseConv2dNative")]
+        if len(convs) != 1:
+            raise RuntimeError(f"{name}: expected one convolution, got {[op.name for op in convs]}")
+        context = convs[0].name.rsplit("/", 1)[0]
+        weights = value.astype(np.float64)
+        if f"{layer}/BatchNorm/gamma" in values:
+            factor = values[f"{layer}/BatchNorm/gamma"] / np.sqrt(values[f"{layer}/BatchNorm/moving_variance"] + 1e-3)
+            weights = weights * (factor.reshape(weights.shape[2], weights.shape[3]) if leaf == "depthwise_weights"
+                                 else factor)
+        extra[f"{context}/weights_quant/min"] = np.float32(min(weights.min(), 0.0))
+        extra[f"{context}/weights_quant/max"] = np.float32(max(weights.max(), 0.0))
+        names = [f"{context}/Relu6:0", f"{context}/BiasAdd:0"]
+        output = next((graph.get_tensor_by_name(n) for n in names if _has_tensor(graph, n)), None)
+        if output is None:
+            raise RuntimeError(f"{context}: no Relu6 or BiasAdd output")
+        lo, hi = 0.0, 0.0
+        for img in images:
+            v = sess.run(output, {placeholder: img[None]})
+            lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+        extra[f"{context}/act_quant/min"] = np.float32(lo)
+        extra[f"{context}/act_quant/max"] = np.float32(hi)
     values.update(extra)
     with tf.Graph().as_default():
-        tf_vars = [tf.Variable(v, name=k) for k, v in sorted(values.items())]
+        tf_vars = {k: tf.Variable(v, name=k.replace("/", "_")) for k, v in sorted(values.items())}
         with tf.Session() as s2:
-            s2.run(tf.variables_initializer(tf_vars))
-            tf.train.Saver(var_list={v.op.name: v for v in tf_vars}, write_version=tf.train.SaverDef.V2).save(
+            s2.run(tf.variables_initializer(list(tf_vars.values())))
+            tf.train.Saver(var_list=tf_vars, write_version=tf.train.SaverDef.V2).save(
                 s2, str(out / "model.ckpt"), write_meta_graph=False, write_state=False)
+    return extra
 
 
-def _layer_output(graph, layer):
-    """The BiasAdd output of a predictor layer (its op scope may differ from its variable scope)."""
-    suffix = layer.split("/", 1)[-1] if layer.count("/") else layer
-    cands = [op for op in graph.get_operations() if op.type == "BiasAdd" and layer in op.name]
-    if not cands:
-        cands = [op for op in graph.get_operations() if op.type == "BiasAdd" and op.name.endswith(suffix + "/BiasAdd")]
-    if len(cands) != 1:
-        raise RuntimeError(f"cannot find the output of {layer}: {[c.name for c in cands]}")
-    return cands[0].outputs[0]
+def _has_tensor(graph, name):
+    try:
+        graph.get_tensor_by_name(name)
+    except KeyError:
+        return False
+    return True
 
 
 def main(argv=None):
