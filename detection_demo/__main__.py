@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig
     add(model, "--image-size", "input side in pixels", type=int)
     add(model, "--box-scales", "SSDLite default-box scales as fractions of the input, or 'none' for the "
         "builder's 0.2,0.95", type=_box_scales, metavar="SMALL,LARGE")
+    add(model, "--init-from", "fine-tune a TF Object Detection API SSD-MobileNetV1 (model folder, .tar.gz, frozen "
+        ".pb or `mnv1 convert` folder); implies --model odapi", metavar="PATH")
     add(model, "--model-kwargs", 'more builder kwargs as JSON, e.g. \'{"score_thresh": 0.01}\'', type=_json_object)
 
     optim = parser.add_argument_group("optimisation")
@@ -313,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0 or not getattr(error, "every_rank", False):
             prefix = f"error (rank {rank}): " if rank and os.environ.get("WORLD_SIZE", "1") != "1" else "error: "
             print(f"{prefix}{error}", file=sys.stderr)
+        else:  # torchrun stops the job when the first process exits: leave rank 0 the time to print the message
+            time.sleep(2.0)
         return 1
     except KeyboardInterrupt:
         if rank == 0:

@@ -4,6 +4,9 @@ A checkpoint is one `torch.save` file (read back with `weights_only=True`: tenso
 holding `model`, `optimizer`, `scheduler` and `scaler` state dicts, `epoch` (epochs completed), `global_step`,
 `rng` (Python, NumPy and torch generators, CUDA's too when used), `args` (the run's settings), `history` (losses,
 learning rates and evaluations so far) and `model_spec` (a `ModelSpec` dict: builder, kwargs, labels).
+Runs since distributed training also record `world_size` (processes), `global_batch` (images per optimizer step,
+all processes and accumulated micro-batches together), `samples_seen` and `rng_per_rank` (each process's
+generators; `rng` is rank 0's); older checkpoints without them read as one process.
 Every file is written to a temporary file beside its destination and renamed over it with `os.replace`
 (`mnv1_backbone._io.atomic_write`), so an interrupted write never leaves a truncated checkpoint behind.
 """

@@ -13,6 +13,14 @@
   generator, so a resumed run continues exactly as the uninterrupted one would have (the epoch order comes from
   a generator seeded with `seed + epoch`);
 - a loss that is NaN or infinite stops the run with `NonFiniteLossError`, naming the step and the loss terms.
+
+Under `torchrun` (see docs/training_at_scale.md) every process runs `train`: one `DistributedDataParallel` model,
+a `DistributedSampler` shard of every epoch per process (`sampling.ShardBatchSampler`, optionally grouped by aspect
+ratio), `batch_size` per process (global batch = processes x batch_size x accumulate), rank 0 alone writing files.
+The processes agree at every micro-batch on whether any of them hit a bad image or a non-finite loss, so all stop
+together with one message instead of waiting for each other until the process-group timeout. The checkpoint
+records `world_size`, `global_batch`, `samples_seen` and every rank's generator states; a run resumed on another
+number of processes continues the schedule at the same fraction of the run (checkpoints fall on epoch boundaries).
 """
 
 from __future__ import annotations
@@ -57,11 +65,19 @@ from .distributed import (
     DistributedContext,
     all_reduce_sum,
     barrier,
+    broadcast_from_main,
     distributed_context,
     gather_to_main,
 )
 from .evaluate import evaluate_model
-from .models import BUILDERS, ModelSpec, backbone_depth_multiplier, build_model, resolve_backbone_weights
+from .models import (
+    BUILDERS,
+    ModelSpec,
+    backbone_depth_multiplier,
+    build_model,
+    odapi_model_spec,
+    resolve_backbone_weights,
+)
 from .plotting import plot_history
 from .sampling import ShardBatchSampler, aspect_ratio_groups
 
@@ -108,6 +124,7 @@ class TrainConfig:
     image_size: int = 256
     box_scales: tuple[float, float] | None = (0.07, 0.8)  # SSD default boxes; None = the builder's 0.2-0.95
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # more builder kwargs, e.g. {"score_thresh": 0.01}
+    init_from: str | None = None  # an OD-API model to fine-tune (folder, .tar.gz, .pb, `mnv1 convert` folder)
     epochs: int = 6
     batch_size: int = 8
     optimizer: str = "adamw"
@@ -150,6 +167,10 @@ class TrainConfig:
         """Raise `ValueError` naming the first setting out of range."""
         if self.model not in BUILDERS:
             raise ValueError(f"model must be one of {sorted(BUILDERS)}, got {self.model!r}")
+        if self.model == "odapi" and self.init_from is None:
+            raise ValueError("model 'odapi' fine-tunes an imported OD-API model: give init_from (--init-from PATH)")
+        if self.init_from is not None and self.model not in ("odapi", TrainConfig.model):
+            raise ValueError(f"init_from imports an OD-API SSD (model 'odapi'); it cannot initialise {self.model!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         positive_ints = ("epochs", "batch_size", "image_size", "eval_batch_size", "accumulate")
@@ -294,6 +315,9 @@ def _merge_resumed_config(config: TrainConfig, saved: dict[str, Any], given: Col
 
 
 def _model_spec(config: TrainConfig, categories: list[str], label_to_cat_id: dict[int, int]) -> ModelSpec:
+    if config.init_from is not None:  # the architecture is the imported model's (models.odapi_model_spec)
+        return odapi_model_spec(config.init_from, categories, label_to_cat_id, config.model_kwargs,
+                                depth_multiplier=config.depth_multiplier)
     weights_backbone = resolve_backbone_weights(config.weights_backbone, config.depth_multiplier)
     kwargs: dict[str, Any] = dict(config.model_kwargs)
     if weights_backbone is not None:
@@ -567,6 +591,8 @@ def _set_up(config: TrainConfig, given: Collection[str] | None, context: Distrib
         logger.info("resuming %s from epoch %d, step %d (written by %d processes)", resume_path, checkpoint["epoch"],
                     checkpoint["global_step"], checkpoint.get("world_size", 1))
     config.validate()
+    if config.init_from is not None:
+        config = dataclasses.replace(config, model="odapi")
     device = context.device
     if context.is_main:
         output.mkdir(parents=True, exist_ok=True)
@@ -576,9 +602,8 @@ def _set_up(config: TrainConfig, given: Collection[str] | None, context: Distrib
     if use_amp and device.type != "cuda":
         raise ValueError("mixed precision (--amp) needs a CUDA device")
     if config.sync_bn and device.type != "cuda":
-        raise ValueError("--sync-bn needs CUDA (SyncBatchNorm runs on GPUs only); on CPU freeze BatchNorm instead "
-                         "(e.g. --model-kwargs '{\"frozen_batch_norm\": true}' for the FPN models) or leave it "
-                         "per process")
+        raise ValueError("--sync-bn needs CUDA (SyncBatchNorm runs on GPUs only); on CPU use --freeze-bn, or leave "
+                         "BatchNorm per process")
     if config.aspect_ratio_groups and config.model == "ssdlite":
         raise ValueError("--aspect-ratio-groups is for the FPN models, which keep the aspect ratio; SSDLite resizes "
                          "every image to a square")
@@ -591,7 +616,7 @@ def _set_up(config: TrainConfig, given: Collection[str] | None, context: Distrib
     train_set = open_split(data_paths, "train", _train_transforms(config), masks=masks, skip_bad_images=skip)
     val_set = open_split(data_paths, "val", make_eval_transforms(), skip_bad_images=skip) if config.eval_interval \
         else None
-    check_images([train_set, val_set], skip_bad_images=skip)  # one message listing every missing/unreadable file
+    _check_images_once(context, [train_set, val_set], skip)  # one message listing every missing/unreadable file
     if val_set is not None and val_set.label_to_cat_id != train_set.label_to_cat_id:
         raise ValueError(f"{val_set.annotation_file} and {train_set.annotation_file} have different categories")
 
@@ -614,6 +639,36 @@ def _set_up(config: TrainConfig, given: Collection[str] | None, context: Distrib
         seed_everything(_rank_seed(config.seed, context.rank))
     return {"config": config, "device": device, "spec": spec, "model": model, "train_set": train_set,
             "val_set": val_set, "checkpoint": checkpoint, "resume_path": resume_path, "data_paths": data_paths}
+
+
+def _check_images_once(context: DistributedContext, datasets: list[Any], skip: bool) -> None:
+    """`data.check_images` on rank 0 alone (one scan, not one per process), its verdict sent to every rank.
+
+    The other ranks wait for it in a collective, so a scan must end within `--dist-timeout`. They leave out the
+    images rank 0 left out, so every rank holds the same dataset and the sampler's shards stay disjoint.
+    """
+    datasets = [dataset for dataset in datasets if dataset is not None]
+    if not context.enabled:
+        check_images(datasets, skip_bad_images=skip)
+        return
+    verdict: tuple[str | None, list[list[int]]] | None = None
+    if context.is_main:
+        before = [set(dataset.ids) for dataset in datasets]
+        try:
+            check_images(datasets, skip_bad_images=skip)
+            verdict = (None, [sorted(ids - set(dataset.ids)) for ids, dataset in zip(before, datasets, strict=True)])
+        except BadImageError as error:
+            verdict = (str(error), [])
+    verdict = broadcast_from_main(context, verdict)
+    assert verdict is not None
+    message, excluded = verdict
+    if message is not None:
+        raise BadImageError(message)
+    if not context.is_main:
+        for dataset, image_ids in zip(datasets, excluded, strict=True):
+            dataset.skip_bad_images = skip
+            if image_ids:
+                dataset.exclude_images(image_ids)
 
 
 def _gather_rng_states(context: DistributedContext) -> list[dict[str, Any]] | None:
@@ -715,4 +770,6 @@ def _raise_non_finite(context: DistributedContext, losses: dict[str, torch.Tenso
 def _describe_backbone(spec: ModelSpec) -> str:
     width = spec.kwargs.get("depth_multiplier")
     pretrained = "ImageNet-pretrained" if spec.kwargs.get("weights_backbone") else "random init"
+    if spec.builder == "odapi":
+        pretrained = "OD-API import"
     return f"MobileNetV1 {width if width is not None else 1.0:.2f}, {pretrained}"
