@@ -454,7 +454,7 @@ def build_case(name, spec, tf, images):
                     sess, graph.as_graph_def(), list(outputs.keys()))
                 for node in frozen.node:
                     node.device = ""
-                (out / "frozen_inference_graph.pb").write_bytes(frozen.SerializeToString())
+                (out / "frozen_inference_graph.pb").write_bytes(frozen.SerializeToString(deterministic=True))
             sess.close()
     finally:
         if original_anchors is not None:
@@ -477,9 +477,90 @@ def build_case(name, spec, tf, images):
     arrays["anchors"] = anchors0.astype(np.float32)
     arrays["feature_map_shapes"] = np.array([fm.shape[1:3] for fm in results[0]["feature_maps"]], dtype=np.int64)
     np.savez_compressed(out / "reference.npz", **arrays)
+    arrays["discriminates_clip_order"] = _verify(arrays, pipeline, spec["clip_before_nms"])
     if spec["frozen"]:
         _check_frozen(tf, out, images, results)
     return arrays
+
+
+# --------------------------------------------------------------------------------------------- NumPy cross-check
+
+
+def _decode(encodings, anchors, scales=(10.0, 10.0, 5.0, 5.0)):
+    """faster_rcnn box coder decode: (ty, tx, th, tw) relative to (ymin, xmin, ymax, xmax) anchors."""
+    ya, xa = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
+    ha, wa = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
+    ty, tx, th, tw = (encodings / np.asarray(scales)).T
+    h, w = np.exp(th) * ha, np.exp(tw) * wa
+    yc, xc = ty * ha + ya, tx * wa + xa
+    return np.stack([yc - h / 2, xc - w / 2, yc + h / 2, xc + w / 2], 1)
+
+
+def _iou(box, boxes):
+    y0, x0 = np.minimum(box[0], box[2]), np.minimum(box[1], box[3])
+    y1, x1 = np.maximum(box[0], box[2]), np.maximum(box[1], box[3])
+    by0, bx0 = np.minimum(boxes[:, 0], boxes[:, 2]), np.minimum(boxes[:, 1], boxes[:, 3])
+    by1, bx1 = np.maximum(boxes[:, 0], boxes[:, 2]), np.maximum(boxes[:, 1], boxes[:, 3])
+    inter = (np.clip(np.minimum(y1, by1) - np.maximum(y0, by0), 0, None)
+             * np.clip(np.minimum(x1, bx1) - np.maximum(x0, bx0), 0, None))
+    union = (y1 - y0) * (x1 - x0) + (by1 - by0) * (bx1 - bx0) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def _numpy_postprocess(boxes, scores, nms, clip_first):
+    """Per-class greedy NMS, merge by score, clip to [0,0,1,1], drop zero-area, keep max_total (either clip order)."""
+    if clip_first:
+        boxes = np.clip(boxes, 0.0, 1.0)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        scores = np.where((area > 0)[:, None], scores, 0.0)
+    dets = []
+    for c in range(scores.shape[1]):
+        keep = []
+        for i in np.argsort(-scores[:, c], kind="stable"):
+            if scores[i, c] <= nms.score_threshold or len(keep) == nms.max_detections_per_class:
+                break
+            if keep and (_iou(boxes[i], boxes[keep]) > nms.iou_threshold).any():
+                continue
+            keep.append(i)
+        dets += [(scores[i, c], c + 1, np.clip(boxes[i], 0.0, 1.0)) for i in keep]
+    dets.sort(key=lambda d: -d[0])
+    dets = [d for d in dets if (d[2][2] - d[2][0]) * (d[2][3] - d[2][1]) > 0]
+    return dets[:nms.max_total_detections]
+
+
+def _verify(arrays, pipeline, clip_first):
+    """reference.npz must be self-consistent: NumPy decode + score conversion + NMS in the case's clip order
+    reproduces TF's detections; report whether the other clip order would differ (so the fixture tells them apart)."""
+    ssd = pipeline.model.ssd
+    nms = ssd.post_processing.batch_non_max_suppression
+    converter = ssd.post_processing.score_converter
+    if converter not in (type(ssd.post_processing).SIGMOID, type(ssd.post_processing).SOFTMAX):
+        raise ValueError(f"score_converter {converter} not handled by the NumPy cross-check")
+    sigmoid = converter == type(ssd.post_processing).SIGMOID
+    anchors = arrays["anchors"].astype(np.float64)
+    discriminates = []
+    for i in range(2):
+        boxes = _decode(arrays[f"box_encodings_{i}"][0].astype(np.float64), anchors)
+        logits = arrays[f"class_predictions_{i}"][0].astype(np.float64)
+        if sigmoid:
+            scores = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            scores = e / e.sum(1, keepdims=True)
+        scores = scores[:, 1:]
+        n = int(arrays[f"num_detections_{i}"][0])
+        ref = (arrays[f"detection_scores_{i}"][0, :n], arrays[f"detection_classes_{i}"][0, :n],
+               arrays[f"detection_boxes_{i}"][0, :n])
+        same = []
+        for order in (clip_first, not clip_first):
+            dets = _numpy_postprocess(boxes, scores, nms, order)
+            same.append(len(dets) == n and np.array_equal([d[1] for d in dets], ref[1])
+                        and np.allclose([d[0] for d in dets], ref[0], atol=1e-5)
+                        and np.allclose([d[2] for d in dets], ref[2], atol=1e-5))
+        if not same[0]:
+            raise AssertionError(f"image {i}: NumPy re-run of the post-processing does not reproduce TF")
+        discriminates.append(not same[1])
+    return discriminates
 
 
 def _check_frozen(tf, out, images, results):
@@ -564,7 +645,8 @@ def main(argv=None):
         arrays = build_case(name, CASES[name], tf, images)
         dets = [int(arrays[f"num_detections_{i}"][0]) for i in range(len(images))]
         print(f"{name}: TF {tf2.__version__}, anchors {arrays['anchors'].shape}, "
-              f"feature maps {arrays['feature_map_shapes'].tolist()}, detections {dets}")
+              f"feature maps {arrays['feature_map_shapes'].tolist()}, detections {dets}, NumPy re-run matches; "
+              f"other clip order would differ per image: {arrays['discriminates_clip_order']}")
 
 
 if __name__ == "__main__":
