@@ -310,11 +310,37 @@ def test_frozen_graph_loads_the_same_weights():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_frozen_graph_without_config_is_refused_clearly(tmp_path):
+def test_frozen_graph_alone_infers_the_config(tmp_path):
     folder = _case_dir("ssd_k1_sigmoid")
+    reference = np.load(folder / "reference.npz")
     shutil.copy(folder / "frozen_inference_graph.pb", tmp_path)
-    with pytest.raises(PipelineConfigError, match="no pipeline.config"):
+    with pytest.warns(UserWarning, match="no pipeline.config beside it.*assumed BatchNorm epsilon"):
+        inferred = from_tf_object_detection(tmp_path / "frozen_inference_graph.pb")
+    full = _load("ssd_k1_sigmoid")
+    assert inferred.network.state_dict().keys() == full.network.state_dict().keys()
+    assert inferred.config.feature_extractor == full.config.feature_extractor
+    assert inferred.config.box_predictor == full.config.box_predictor
+    assert (inferred.anchors - torch.from_numpy(reference["anchors"])).abs().max().item() <= 1e-6
+    pp, full_pp = inferred.config.post_processing, full.config.post_processing
+    assert pp.score_converter == full_pp.score_converter and pp.max_total_detections == full_pp.max_total_detections
+    assert math.isclose(pp.iou_threshold, full_pp.iou_threshold, rel_tol=1e-6)
+    image = _image(reference, 0)
+    with torch.no_grad():
+        _assert_same_detections(inferred([image])[0], reference, 0, image.shape[-2], image.shape[-1])
+
+
+def test_fpn_frozen_graph_alone_is_refused_clearly(tmp_path):
+    shutil.copy(_case_dir("fpn_shared") / "frozen_inference_graph.pb", tmp_path)
+    with pytest.raises(PipelineConfigError, match="ssd_mobilenet_v1_fpn graph without pipeline.config"):
         from_tf_object_detection(tmp_path / "frozen_inference_graph.pb")
+
+
+def test_checkpoint_without_config_is_refused_clearly(tmp_path):
+    folder = _case_dir("ssd_k1_sigmoid")
+    for file in folder.glob("model.ckpt.*"):
+        shutil.copy(file, tmp_path)
+    with pytest.raises(PipelineConfigError, match="no pipeline.config beside the checkpoint"):
+        from_tf_object_detection(tmp_path)
 
 
 def _tarball(folder: Path, path: Path) -> Path:

@@ -49,6 +49,7 @@ from ..convert.frozen_graph import read_graph_nodes
 from ..errors import StateDictMismatchError, WeightsFormatError
 from .anchors import ssd_anchor_box_specs, ssd_anchors
 from .box_coder import decode_boxes, encode_boxes
+from .odapi_graph import GRAPH_ASSUMPTIONS, infer_config_from_graph
 from .odapi_postprocess import postprocess_detections, preprocess_image
 from .odapi_ssd import ODAPISSDNetwork, TFVariable
 from .tf_pipeline import (
@@ -851,7 +852,11 @@ def _load_folder(path: Path, legacy: bool, clip_before_nms: bool | None,
             raise PipelineConfigError(f"{folder}: no pipeline.config beside the checkpoint {prefix}; a checkpoint "
                                       "alone does not say the image size, anchors or post-processing")
         graph_nodes = read_graph_nodes(graph)
-        config = infer_config_from_graph(graph_nodes, source=str(graph))
+        config, graph_legacy = infer_config_from_graph(graph_nodes, source=str(graph))
+        warnings.warn(f"{graph}: no pipeline.config beside it; read the architecture, anchors (order: "
+                      f"{'legacy' if graph_legacy else 'modern'}) and post-processing from the graph, and assumed "
+                      f"{GRAPH_ASSUMPTIONS}", stacklevel=3)
+        legacy = graph_legacy
     date = date_from_name(date_source)
     if clip_before_nms is None:
         clip_before_nms = date is not None and date < (2018, 7, 1)
@@ -915,9 +920,3 @@ def _resolve_labels(label_map: Any, folder: Path, num_classes: int) -> dict[int,
         return {i: coco.get(i, "N/A") for i in range(1, 91)}
     return _default_labels(num_classes)
 
-
-def infer_config_from_graph(nodes: Sequence[Any], *, source: str) -> SSDPipelineConfig:
-    """A config for a ``frozen_inference_graph.pb`` without ``pipeline.config``: not inferred yet, refused."""
-    raise PipelineConfigError(f"{source}: no pipeline.config beside the frozen graph; reading the architecture, "
-                              "anchors and post-processing from the graph alone is not supported: put the model's "
-                              "pipeline.config beside it")
