@@ -11,9 +11,11 @@ that are not installed are skipped, and the output says so.
     python benchmarks/run.py --device cuda   # also the classifier cases on a GPU in float32/16 and bfloat16
 
 Cases: classifier at 224x224, batch 1 and 8 (ours eager / fast path / fast path + torch.compile /
-int8, transformers, timm `mobilenetv1_100`, torchvision `mobilenet_v2` and `mobilenet_v3_large`);
+int8, onnxruntime fp32 on our export and onnxruntime's own static int8 of it (benchmarks/onnx_peer.py),
+transformers, timm `mobilenetv1_100`, torchvision `mobilenet_v2` and `mobilenet_v3_large`);
 the backbone's (5, 11, 13) features at 320x320; SSDLite-MobileNetV1 against torchvision's
-`ssdlite320_mobilenet_v3_large` at batch 1, and one training step of each at batch 4. The compute
+`ssdlite320_mobilenet_v3_large` at batch 1, SSDLite's exportable network (no NMS) in PyTorch against
+onnxruntime, and one training step of each at batch 4. The compute
 floor is the classifier's 1.14 GFLOP per image at the dense matrix-product rate measured at the start
 (the best of three sizes); the rate is measured again at the end to show drift.
 """
@@ -26,6 +28,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -34,6 +37,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import onnx_peer  # noqa: E402  (beside this file)
 
 from mnv1_backbone import MobileNetV1Backbone, MobileNetV1Config, MobileNetV1ForImageClassification  # noqa: E402
 from mnv1_backbone.inference import optimize_for_inference, quantize_int8  # noqa: E402
@@ -78,7 +84,8 @@ def describe_machine(threads: int) -> str:
                 break
     except OSError:
         pass
-    vector_flags = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}  # VNNI decides int8's activation bits
+    # VNNI decides int8's activation bits; AVX512-BF16/AMX decide whether bfloat16 on the CPU pays.
+    vector_flags = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16"}
     flags = " ".join(sorted(flag for flag in _cpu_flags() if flag in vector_flags))
     malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD")
     return (
@@ -154,6 +161,12 @@ def classifier_cases(args, results: list[dict], skipped: list[str]) -> None:
             compiled = optimize_for_inference(ours, x, compile=True)  # compiles here, outside the timing
             variants["ours fast path + compile"] = lambda x=x, compiled=compiled: compiled(x)
         variants["ours int8"] = lambda x=x: int8(x)
+        if args.onnx_workdir is not None:
+            images = torch.cat(calibration)  # the same 8 images as quantize_int8's, in batches of this size
+            fast_nchw = optimize_for_inference(ours, x, channels_last=False)  # ONNX wants NCHW, no flips of layout
+            variants.update(
+                onnx_peer.classifier_rows(fast_nchw, x, list(images.split(batch)), args.threads, args.onnx_workdir)
+            )
         run_group(f"classifier 224x224 batch {batch}", _ours_first(models, x, variants), args, results, batch=batch)
 
 
@@ -173,7 +186,7 @@ def backbone_cases(args, results: list[dict]) -> None:
 def detector_cases(args, results: list[dict]) -> None:
     from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 
-    from mnv1_backbone.detection import ssdlite320_mobilenet_v1
+    from mnv1_backbone.detection import SSDNetwork, ssdlite320_mobilenet_v1
 
     ours = ssdlite320_mobilenet_v1(num_classes=91).eval()
     theirs = ssdlite320_mobilenet_v3_large(num_classes=91, weights=None, weights_backbone=None).eval()
@@ -192,6 +205,26 @@ def detector_cases(args, results: list[dict]) -> None:
         results,
         batch=1,
     )
+    if args.onnx_workdir is not None:
+        x = images[0][None]
+        eager_network = SSDNetwork(ours).eval()
+        fast_nchw = ssdlite320_mobilenet_v1(num_classes=91).eval()
+        fast_nchw.load_state_dict(ours.state_dict())
+        fast_nchw.backbone.backbone = optimize_for_inference(fast_nchw.backbone.backbone, x, channels_last=False)
+        fast_network = SSDNetwork(fast).eval()
+        run_group(
+            "SSDLite network (no post-processing) 320x320 batch 1",
+            {
+                "ours SSDNetwork eager": lambda: eager_network(x),
+                "ours SSDNetwork, fast-path backbone": lambda: fast_network(x),
+                "onnxruntime SSDNetwork (our fast-path export)": onnx_peer.ssd_row(
+                    SSDNetwork(fast_nchw).eval(), x, args.threads, args.onnx_workdir
+                ),
+            },
+            args,
+            results,
+            batch=1,
+        )
     batch = [torch.rand(3, 320, 320) for _ in range(4)]
     targets = [{"boxes": torch.tensor([[20.0, 30.0, 200.0, 220.0]]), "labels": torch.tensor([1])} for _ in batch]
 
@@ -283,8 +316,21 @@ def check_targets(results: list[dict]) -> list[str]:
             if (case, peer) in speedup:
                 target(f"batch {batch}: fast path speed / {peer} speed", fast / speedup[case, peer], 1.0)
         target(f"batch {batch}: ours eager speed-up vs transformers eager", speedup.get((case, "ours eager")), 1.0)
+        onnx_fp32 = speedup.get((case, "onnxruntime fp32 (our export)"))
+        if onnx_fp32 is not None:
+            target(f"batch {batch}: fast path speed / onnxruntime fp32 speed (issue 16)", fast / onnx_fp32, 1.0)
+            onnx_int8, int8 = speedup.get((case, "onnxruntime int8 (static QDQ)")), speedup.get((case, "ours int8"))
+            if onnx_int8 is not None and int8 is not None:
+                target(f"batch {batch}: ours int8 speed / onnxruntime int8 speed", int8 / onnx_int8, 1.0)
         if batch == 1:
             target("batch 1: int8 speed-up vs transformers eager", speedup.get((case, "ours int8")), 3.0)
+    network = "SSDLite network (no post-processing) 320x320 batch 1"
+    ssd_fast, ssd_onnx = (
+        speedup.get((network, m))
+        for m in ("ours SSDNetwork, fast-path backbone", "onnxruntime SSDNetwork (our fast-path export)")
+    )
+    if ssd_fast is not None and ssd_onnx is not None:
+        target("SSDLite network: fast-path backbone speed / onnxruntime speed", ssd_fast / ssd_onnx, 1.0)
     ssd = speedup.get(("SSDLite 320x320 batch 1 (inference)", "ours ssdlite320_mobilenet_v1"))
     if ssd is not None:
         target("SSDLite batch 1: our time / torchvision ssdlite320_mobilenet_v3_large's", 1 / ssd, 1.3, at_most=True)
@@ -303,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (8 if args.quick else 30)
     args.warmup = args.warmup or (2 if args.quick else 5)
+    unavailable = onnx_peer.available()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results: list[dict] = []
@@ -311,11 +358,19 @@ def main(argv: list[str] | None = None) -> int:
     rate = matmul_gflops(args.rounds)
     args.floor_ms = GFLOP_PER_IMAGE / rate * 1000
     print(f"machine: {machine}")
+    if unavailable is None:
+        import onnxruntime
+
+        print(f"onnxruntime {onnxruntime.__version__} (CPU provider, {args.threads} intra-op threads)")
+    else:
+        skipped.append(unavailable)
     print(f"matrix-product rate: {rate:.1f} GFLOP/s -> floor {args.floor_ms:.1f} ms per 224x224 image")
-    classifier_cases(args, results, skipped)
-    backbone_cases(args, results)
-    if not args.skip_detection:
-        detector_cases(args, results)
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        args.onnx_workdir = Path(onnx_dir) if unavailable is None else None
+        classifier_cases(args, results, skipped)
+        backbone_cases(args, results)
+        if not args.skip_detection:
+            detector_cases(args, results)
     if args.device == "cuda":
         if torch.cuda.is_available():
             reduced_precision_cases(args, results, "cuda")
