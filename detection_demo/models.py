@@ -6,6 +6,13 @@ keyword arguments it was called with, the SSD default-box scales, and the label 
 COCO category id, category names). Training stores it in every checkpoint and in the metadata of the exported
 `model.safetensors`, so `evaluate` and `predict` need nothing but the checkpoint.
 
+`train --init-from PATH` (builder `odapi`) starts instead from a TF Object Detection API SSD-MobileNetV1 model
+(`mnv1_backbone.detection.from_tf_object_detection`: a model folder, a model-zoo ``.tar.gz``, a frozen graph, or a
+folder written by `mnv1 convert`): `odapi_model_spec` records the imported model's typed ``pipeline.config`` (with
+the dataset's number of classes) in the spec, so that `evaluate`, `predict` and `--resume` rebuild it without the TF
+files; the imported detector trains with its own OD-API loss and its 1-based labels are the dataset's contiguous
+labels.
+
 The pretrained backbone is Google's ImageNet MobileNetV1 1.0/224 frozen graph that the PyPI package `nudity`
 ships as `files/retrained_graph.pb` (only its last layer was retrained; the trunk is Google's). It is located
 with `importlib.util.find_spec`, without importing `nudity` (whose import needs TensorFlow).
@@ -13,6 +20,7 @@ with `importlib.util.find_spec`, without importing `nudity` (whose import needs 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -29,6 +37,9 @@ from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD
 
 from mnv1_backbone import detection
+from mnv1_backbone.detection.odapi import CONFIG_NAME as ODAPI_CONFIG_NAME
+from mnv1_backbone.detection.odapi import ODAPISSDDetector, build_network
+from mnv1_backbone.detection.tf_pipeline import config_from_dict
 from mnv1_backbone.weights import load_state_dict_file, load_state_dict_strict
 
 from .checkpoint import SPEC_METADATA_KEY, load_checkpoint
@@ -38,19 +49,112 @@ __all__ = [
     "ModelSpec",
     "build_model",
     "default_backbone_weights",
+    "load_odapi_detector",
     "load_trained_model",
+    "odapi_model_spec",
+    "odapi_ssd_mobilenet_v1",
     "resolve_backbone_weights",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: `--model` choices and the builder each one calls.
+#: Keyword arguments of an imported OD-API model that `--model-kwargs` may set with `--init-from`.
+ODAPI_KWARGS = ("legacy_anchor_order", "clip_before_nms", "score_thresh", "nms_thresh", "detections_per_img",
+                "freeze_batch_norm_statistics")
+
+
+def load_odapi_detector(
+    path: str | Path,
+    *,
+    num_classes: int | None = None,
+    legacy_anchor_order: bool = False,
+    clip_before_nms: bool | None = None,
+    score_thresh: float | None = None,
+    nms_thresh: float | None = None,
+    detections_per_img: int | None = None,
+) -> ODAPISSDDetector:
+    """An OD-API detector from `path`: a folder written by `mnv1 convert` / `save_pretrained` (``config.json`` +
+    ``model.safetensors``), or anything `from_tf_object_detection` reads (folder, ``.tar.gz``, ``.pb``).
+
+    `num_classes` (without background) different from the model's gives a new class head (the feature extractor
+    and the box head stay the imported ones); the other arguments are `from_tf_object_detection`'s.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--init-from: {path} does not exist")
+    if (path / ODAPI_CONFIG_NAME).is_file() and not (path / "pipeline.config").is_file():
+        model = ODAPISSDDetector.from_pretrained(path)
+        if legacy_anchor_order and not model.legacy_anchor_order:
+            raise ValueError(f"{path / ODAPI_CONFIG_NAME} records legacy_anchor_order false; the anchor order of a "
+                             "converted model is fixed when it is converted")
+        # Rewrap the loaded network to apply the post-processing overrides, as from_tf_object_detection does.
+        model = ODAPISSDDetector(
+            model.config, model.network, legacy_anchor_order=model.legacy_anchor_order,
+            clip_before_nms=model.clip_before_nms if clip_before_nms is None else clip_before_nms,
+            id2label=model.id2label, score_thresh=score_thresh, nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img)
+        if num_classes is not None and num_classes != model.num_classes:
+            model.reset_class_head(num_classes)
+        return model.eval()
+    overrides: dict[str, Any] = {name: value for name, value in (
+        ("num_classes", num_classes), ("score_thresh", score_thresh), ("nms_thresh", nms_thresh),
+        ("detections_per_img", detections_per_img)) if value is not None}
+    return detection.from_tf_object_detection(path, legacy_anchor_order=legacy_anchor_order,
+                                              clip_before_nms=clip_before_nms, **overrides)
+
+
+def odapi_ssd_mobilenet_v1(
+    *,
+    num_classes: int,
+    pipeline: Mapping[str, Any],
+    legacy_anchor_order: bool = False,
+    clip_before_nms: bool = False,
+    init_from: str | None = None,
+    depth_multiplier: float | None = None,
+    freeze_batch_norm_statistics: bool = True,
+) -> ODAPISSDDetector:
+    """The `odapi` builder: the OD-API SSD that `pipeline` (an `SSDPipelineConfig.to_dict()`) describes.
+
+    Args:
+        num_classes: torchvision's count, background included (the demo's `ModelSpec.num_classes`); the detector
+            gets ``num_classes - 1`` classes, its 1-based labels being the dataset's contiguous labels.
+        pipeline: the typed pipeline config, with that number of classes and the post-processing overrides.
+        init_from: the imported model's path; without it the weights are random (a checkpoint restores them).
+        depth_multiplier: only checked against the config (the demo records every model's width).
+        freeze_batch_norm_statistics: `ODAPISSDDetector`'s attribute (BatchNorm statistics fixed in training).
+    """
+    config = config_from_dict(dict(pipeline))
+    if config.num_classes != num_classes - 1:
+        raise ValueError(f"the pipeline config has {config.num_classes} classes but {num_classes - 1} (plus "
+                         "background) were asked for")
+    width = config.feature_extractor.depth_multiplier
+    if depth_multiplier is not None and not math.isclose(depth_multiplier, width):
+        raise ValueError(f"depth_multiplier {depth_multiplier:g} differs from the imported model's {width:g}; "
+                         "leave --depth-multiplier out with --init-from")
+    if init_from is not None:
+        model = load_odapi_detector(init_from, num_classes=config.num_classes,
+                                    legacy_anchor_order=legacy_anchor_order, clip_before_nms=clip_before_nms)
+        imported = dataclasses.replace(model.config, post_processing=config.post_processing)
+        if imported != config or model.legacy_anchor_order != legacy_anchor_order:
+            raise ValueError(f"{init_from} no longer holds the model this run was started from (its pipeline "
+                             "config or anchor order changed)")
+        network = model.network
+    else:
+        network = build_network(config, legacy_anchor_order=legacy_anchor_order)
+    model = ODAPISSDDetector(config, network, legacy_anchor_order=legacy_anchor_order,
+                             clip_before_nms=clip_before_nms)
+    model.freeze_batch_norm_statistics = bool(freeze_batch_norm_statistics)
+    return model
+
+
+#: `--model` choices and the builder each one calls (`odapi` needs `--init-from`).
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "ssdlite": detection.ssdlite_mobilenet_v1,
     "fasterrcnn": detection.fasterrcnn_mobilenet_v1_fpn,
     "retinanet": detection.retinanet_mobilenet_v1_fpn,
     "fcos": detection.fcos_mobilenet_v1_fpn,
     "maskrcnn": detection.maskrcnn_mobilenet_v1_fpn,
+    "odapi": odapi_ssd_mobilenet_v1,
 }
 
 #: Width of the one pretrained backbone available offline (Google's mobilenet_v1_1.0_224).
@@ -155,7 +259,8 @@ class ModelSpec:
         The width is kept explicitly (it came from the weights file). Frozen and trainable BatchNorm layers
         compute the same in eval mode, so the rebuilt model predicts exactly as the trained one.
         """
-        kwargs = {k: v for k, v in self.kwargs.items() if k not in ("weights_backbone", "trainable_backbone_layers")}
+        kwargs = {k: v for k, v in self.kwargs.items()
+                  if k not in ("weights_backbone", "trainable_backbone_layers", "init_from")}
         return ModelSpec(self.builder, kwargs, list(self.categories), dict(self.label_to_cat_id), self.box_scales,
                          dict(self.extra))
 
@@ -169,8 +274,51 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return model
 
 
+def odapi_model_spec(
+    init_from: str | Path,
+    categories: list[str],
+    label_to_cat_id: dict[int, int],
+    model_kwargs: Mapping[str, Any] | None = None,
+    *,
+    depth_multiplier: float | None = None,
+) -> ModelSpec:
+    """The spec of a detector fine-tuned from the OD-API model at `init_from` on a dataset with `categories`.
+
+    The model is read here to record its pipeline config (with the dataset's number of classes and the
+    post-processing overrides of `model_kwargs`, see `ODAPI_KWARGS`) and its anchor and clip orders; the builder
+    reads the weights again from `init_from`. The class head is new when the number of classes differs (logged).
+    """
+    kwargs = dict(model_kwargs or {})
+    unknown = sorted(set(kwargs) - set(ODAPI_KWARGS))
+    if unknown:
+        raise ValueError(f"--model-kwargs {unknown} do not apply to an imported OD-API model; it takes "
+                         f"{list(ODAPI_KWARGS)}")
+    num_classes = len(categories) - 1
+    freeze = bool(kwargs.pop("freeze_batch_norm_statistics", True))
+    model = load_odapi_detector(init_from, **kwargs)
+    if model.num_classes != num_classes:
+        logger.info("--init-from %s: feature extractor and box head imported; new class head for %d classes (the "
+                    "model has %d)", init_from, num_classes, model.num_classes)
+        model.reset_class_head(num_classes)
+    else:
+        logger.info("--init-from %s: every weight imported, the class head included (%d classes, taken in the "
+                    "dataset's category order)", init_from, num_classes)
+    spec_kwargs: dict[str, Any] = {
+        "init_from": str(init_from),
+        "pipeline": model.config.to_dict(),
+        "legacy_anchor_order": model.legacy_anchor_order,
+        "clip_before_nms": model.clip_before_nms,
+        "freeze_batch_norm_statistics": freeze,
+    }
+    if depth_multiplier is not None:
+        spec_kwargs["depth_multiplier"] = depth_multiplier
+    return ModelSpec("odapi", spec_kwargs, list(categories), dict(label_to_cat_id))
+
+
 def backbone_depth_multiplier(model: nn.Module) -> float:
     """Width of the MobileNetV1 inside any of the demo's detectors."""
+    if isinstance(model, ODAPISSDDetector):
+        return float(model.config.feature_extractor.depth_multiplier)
     features = model.backbone
     backbone = features.backbone if hasattr(features, "backbone") else features.body
     return float(backbone.config.depth_multiplier)
