@@ -626,7 +626,8 @@ def _set_up(config: TrainConfig, given: Collection[str] | None, context: Distrib
             raise ValueError(f"{resume_path} was trained on other categories than {train_set.annotation_file}")
     else:
         spec = _model_spec(config, list(train_set.categories), dict(train_set.label_to_cat_id))
-    model = build_model(spec)
+    # A resumed OD-API fine-tuning takes every weight from the checkpoint, without reading the imported files again.
+    model = build_model(spec.for_inference() if checkpoint is not None and spec.builder == "odapi" else spec)
     spec.kwargs["depth_multiplier"] = backbone_depth_multiplier(model)  # evaluate/predict rebuild without weights
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
