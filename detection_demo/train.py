@@ -490,9 +490,9 @@ def _train(config: TrainConfig, given: Collection[str] | None, context: Distribu
                 step_loss = 0.0
                 for micro in range(config.accumulate):
                     images, targets = _next_batch(batches, context, global_step + 1, epoch + 1)
+                    # Images stay (C, H, W): the detector stacks them, and a convolution with channels-last weights
+                    # computes in channels-last whatever its input's layout.
                     images = [image.to(device, non_blocking=True) for image in images]
-                    if config.channels_last_on(device):
-                        images = [image.contiguous(memory_format=torch.channels_last) for image in images]
                     targets = _to_device(targets, device)
                     last_micro = micro == config.accumulate - 1
                     # DDP averages the gradients over the ranks at the backward of the last micro-batch only.

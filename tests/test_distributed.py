@@ -13,7 +13,8 @@ on a tiny synthetic dataset (12 train / 5 val images of 128 px, models at 64 px,
   `evaluate` (5 images in 3 batches: rank 1's shard is padded with a duplicate batch) give exactly the 12 numbers
   of a one-process `evaluate` of the same checkpoint.
 - `test_killed_rank_ends_the_job`: SIGKILL on rank 1 mid-training ends torchrun with a non-zero status within the
-  process-group timeout, and the last checkpoint still loads.
+  process-group timeout, and the last checkpoint still loads (this run also takes the channels-last path, the
+  default on CUDA, which CPU runs otherwise skip).
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def test_killed_rank_ends_the_job(data_root: Path, tmp_path: Path) -> None:
     command = _torchrun("train", "--data-root", str(data_root), "--output", str(output), "--epochs", "100",
                         "--image-size", "64", "--depth-multiplier", "0.25", "--weights-backbone", "none",
                         "--batch-size", "2", "--workers", "0", "--threads", "1", "--no-progress",
-                        "--eval-interval", "0", "--dist-timeout", str(timeout))
+                        "--eval-interval", "0", "--dist-timeout", str(timeout), "--channels-last")
     job = subprocess.Popen(command, cwd=REPO, env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
     try:
