@@ -133,7 +133,7 @@ _COMMON_HEAD = """
 
 _LOSS = """
     loss {
-      classification_loss { weighted_sigmoid { } }
+      classification_loss { CLASSIFICATION_LOSS }
       localization_loss { weighted_smooth_l1 { } }
       hard_example_miner { num_hard_examples: 3000 iou_threshold: 0.99 loss_type: CLASSIFICATION
                            max_negatives_per_positive: 3 min_negatives_per_image: 0 }
@@ -176,7 +176,7 @@ model {{
       depth_multiplier: 0.25
 {extra}      conv_hyperparams {{ {_HYPER} }}
     }}
-{_LOSS}
+{_LOSS.replace("CLASSIFICATION_LOSS", "weighted_softmax { }" if score_converter == "SOFTMAX" else "weighted_sigmoid { }")}
     post_processing {{
       batch_non_max_suppression {{ score_threshold: {score_threshold} iou_threshold: {iou_threshold}
                                    max_detections_per_class: 20 max_total_detections: 30 }}
