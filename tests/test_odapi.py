@@ -5,6 +5,7 @@ TF), archives and frozen graphs, bad input, training losses and fine-tuning, sav
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import shutil
 import tarfile
@@ -56,8 +57,8 @@ def _load(case: str, path: Path | None = None, **kwargs) -> ODAPISSDDetector:
         return copy.deepcopy(_CACHE[case])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the quantized case warns about its FakeQuant ranges (tested below)
-        model = from_tf_object_detection(path or _case_dir(case), legacy_anchor_order=legacy, clip_before_nms=clip,
-                                         **kwargs)
+        options = {"legacy_anchor_order": legacy, "clip_before_nms": clip, **kwargs}
+        model = from_tf_object_detection(path or _case_dir(case), **options)
     if cacheable:
         _CACHE[case] = copy.deepcopy(model)
     return model
@@ -441,7 +442,6 @@ def _shapes_set(n: int, size: int = 96, seed: int = 0):
     return images, targets
 
 
-@pytest.mark.slow  # ~10 s alone; far longer on a loaded machine (first backward passes warm up oneDNN)
 def test_training_loss_keys_and_fine_tuning_lowers_the_loss():
     torch.manual_seed(0)
     model = _load("ssd_k1_sigmoid")
@@ -506,3 +506,84 @@ def test_save_pretrained_round_trip(tmp_path):
     with torch.no_grad():
         a, b = model([image])[0], loaded([image])[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_wrong_clip_order_loses_a_detection():
+    folder = _case_dir("ssd_k1_sigmoid")
+    reference = np.load(folder / "reference.npz")
+    model = _load("ssd_k1_sigmoid", clip_before_nms=True)
+    matched = 0
+    total = 0
+    for i in range(2):
+        image = _image(reference, i)
+        boxes, _, labels = _tf_detections(reference, i, image.shape[-2], image.shape[-1])
+        with torch.no_grad():
+            ours = model([image])[0]
+        for box, label in zip(boxes, labels, strict=True):
+            close = (ours["boxes"] - box).abs().amax(dim=1) <= 0.5
+            matched += bool((close & (ours["labels"] == label)).any())
+        total += len(labels)
+    assert matched < total
+
+
+def test_label_map_beside_the_model_is_used(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(_case_dir("ssd_k1_sigmoid"), folder)
+    (folder / "my_label_map.pbtxt").write_text("item {\n  id: 2\n  name: 'mug'\n}\n")
+    model = from_tf_object_detection(folder)
+    assert model.id2label[2] == "mug" and model.id2label[1] == "class_1"
+
+
+def test_moving_average_shadows_follow_eval_config():
+    from mnv1_backbone.detection.odapi import _model_variables
+
+    raw = {
+        "A/weights": np.zeros(2, np.float32),
+        "A/weights/ExponentialMovingAverage": np.ones(2, np.float32),
+        "A/BatchNorm/moving_mean": np.full(2, 3.0, np.float32),
+        "A/weights/RMSProp": np.zeros(2, np.float32),
+        "global_step": np.array(5),
+    }
+    with_ema = _model_variables(raw, use_ema=True, source="x")
+    assert sorted(with_ema) == ["A/BatchNorm/moving_mean", "A/weights"] and with_ema["A/weights"][0] == 1.0
+    assert _model_variables(raw, use_ema=False, source="x")["A/weights"][0] == 0.0
+    with pytest.warns(UserWarning, match="FakeQuant range variables"):
+        quant = _model_variables({**raw, "A/weights_quant/min": np.zeros(()), "A/act_quant/max": np.zeros(())},
+                                 use_ema=False, source="x")
+    assert sorted(quant) == ["A/BatchNorm/moving_mean", "A/weights"]
+
+
+def test_argmax_matcher_thresholds_and_forced_matches():
+    model = _load("ssd_k1_sigmoid")
+    config = model.config
+    model.config = dataclasses.replace(config, matcher=dataclasses.replace(
+        config.matcher, matched_threshold=0.5, unmatched_threshold=0.4, force_match_for_each_row=True))
+    model.anchors = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.6], [0.0, 0.0, 0.5, 0.8],
+                                  [0.5, 0.5, 1.0, 1.0], [0.6, 0.6, 0.7, 0.7]])
+    gt = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.55, 0.55, 0.75, 0.75]])
+    cls_t, cls_w, reg_t, reg_w, match = model._assign(gt, torch.tensor([2, 3]))
+    # IoUs with gt 0: 1, 0.83, 0.625, 0, 0 -> matched, matched, matched; gt 1's best anchor (IoU 0.25) is forced.
+    # Anchor 3 (IoU 0.16 with gt 1) is below 0.4: background.
+    assert match.tolist() == [0, 0, 0, -1, 1]
+    assert cls_t.argmax(dim=1).tolist() == [2, 2, 2, 0, 3] and cls_w.tolist() == [1, 1, 1, 1, 1]
+    assert reg_w.tolist() == [1, 1, 1, 0, 1] and torch.allclose(reg_t[0], torch.zeros(4), atol=1e-5)
+    model.config = dataclasses.replace(config, matcher=dataclasses.replace(
+        config.matcher, matched_threshold=0.7, unmatched_threshold=0.5, force_match_for_each_row=False))
+    _, cls_w, _, reg_w, match = model._assign(gt, torch.tensor([2, 3]))
+    assert match.tolist() == [0, 0, -2, -1, -1]  # 0.625 falls in the ignore band
+    assert cls_w.tolist() == [1, 1, 0, 1, 1] and reg_w.tolist() == [1, 1, 0, 0, 0]
+
+
+def test_hard_example_miner_keeps_negatives_per_positive():
+    model = _load("ssd_k1_sigmoid")
+    model.config = dataclasses.replace(model.config, loss=dataclasses.replace(
+        model.config.loss, hard_example_miner=True, num_hard_examples=10, hard_example_iou_threshold=0.99,
+        hard_example_loss_type="CLASSIFICATION", max_negatives_per_positive=2, min_negatives_per_image=0))
+    # Five disjoint anchors, decoded boxes = anchors (zero codes); one positive.
+    model.anchors = torch.tensor([[0.0, 0.1 * k, 0.1, 0.1 * k + 0.1] for k in range(5)])
+    cls = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    loc = torch.tensor([[0.0, 0.0, 0.0, 7.0, 0.0]])
+    matches = [torch.tensor([-1, -1, -1, 0, -1])]
+    loc_sum, cls_sum = model._hard_example_mining(loc, cls, torch.zeros(1, 5, 4), matches)
+    # Ranked by classification loss: anchors 0, 1, 2, 3 (positive), 4. One positive allows two negatives: 0 and 1.
+    assert cls_sum.item() == pytest.approx(5.0 + 4.0 + 2.0) and loc_sum.item() == pytest.approx(7.0)
