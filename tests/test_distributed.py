@@ -15,6 +15,9 @@ on a tiny synthetic dataset (12 train / 5 val images of 128 px, models at 64 px,
 - `test_killed_rank_ends_the_job`: SIGKILL on rank 1 mid-training ends torchrun with a non-zero status within the
   process-group timeout, and the last checkpoint still loads (this run also takes the channels-last path, the
   default on CUDA, which CPU runs otherwise skip).
+- `test_a_failure_on_one_rank_stops_every_rank_with_one_message`: a NaN loss on rank 1 only, and a bad image in
+  rank 0's loader only, make both ranks raise at the same step (the training loop's agreement functions under a
+  real 2-process group); rank 0's message names every rank's loss terms or the file.
 """
 
 from __future__ import annotations
@@ -252,6 +255,56 @@ def test_killed_rank_ends_the_job(data_root: Path, tmp_path: Path) -> None:
     assert time.monotonic() - killed_at < timeout + 30
     state = checkpoint_io.load_checkpoint(output / checkpoint_io.CHECKPOINT_NAME)
     assert state["world_size"] == 2 and state["epoch"] >= 1
+
+
+_AGREEMENT_SCRIPT = """
+import json, math
+from pathlib import Path
+import torch
+from detection_demo.data import BadImageError
+from detection_demo.distributed import all_reduce_sum, distributed_context
+from detection_demo.train import NonFiniteLossError, _next_batch, _raise_non_finite
+
+def outcome(call):
+    try:
+        call()
+    except (NonFiniteLossError, BadImageError) as error:
+        return [type(error).__name__, str(error), getattr(error, "every_rank", False)]
+    return None
+
+with distributed_context("cpu", timeout_s=30) as context:
+    loss = float("nan") if context.rank == 1 else 2.5  # a NaN on rank 1 only
+    mean = all_reduce_sum(context, [loss])[0] / context.world_size
+    terms = {"classification": torch.tensor(loss), "bbox_regression": torch.tensor(0.5)}
+    nan = outcome(lambda: math.isfinite(mean) or _raise_non_finite(context, terms, mean, 7, 2, 0.1, Path("x.pt")))
+
+    def batches():  # rank 0's loader fails, rank 1's does not
+        if context.rank == 0:
+            raise BadImageError("/data/img7.jpg: image file is truncated")
+        yield [torch.zeros(3, 4, 4)], [{}]
+
+    bad = outcome(lambda: _next_batch(batches(), context, 3, 1))
+    print(json.dumps({"rank": context.rank, "nan": nan, "bad": bad}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_stops_every_rank_with_one_message(tmp_path: Path) -> None:
+    script = tmp_path / "agree.py"
+    script.write_text(_AGREEMENT_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = {report["rank"]: report for report in map(json.loads, (line for line in result.stdout.splitlines()
+                                                                     if line.startswith("{")))}
+    assert sorted(reports) == [0, 1]
+    for report in reports.values():  # both ranks stop, at the same step, with an error the CLI prints once
+        assert report["nan"][0] == "NonFiniteLossError" and report["nan"][2]
+        assert report["bad"][0] == "BadImageError" and report["bad"][2]
+    nan, bad = reports[0]["nan"][1], reports[0]["bad"][1]  # rank 0's message is the one printed
+    assert nan.startswith("non-finite loss nan at step 7 (epoch 2, lr 0.1): rank 0: classification=2.5")
+    assert "rank 1: classification=nan, bbox_regression=0.5" in nan
+    assert bad.startswith("rank 0: /data/img7.jpg: image file is truncated (step 3, epoch 1; every rank stopped)")
 
 
 # ------------------------------------------------------------------------------------------------------------------
