@@ -587,3 +587,18 @@ def test_hard_example_miner_keeps_negatives_per_positive():
     loc_sum, cls_sum = model._hard_example_mining(loc, cls, torch.zeros(1, 5, 4), matches)
     # Ranked by classification loss: anchors 0, 1, 2, 3 (positive), 4. One positive allows two negatives: 0 and 1.
     assert cls_sum.item() == pytest.approx(5.0 + 4.0 + 2.0) and loc_sum.item() == pytest.approx(7.0)
+
+
+def test_variables_of_another_architecture_are_refused(tmp_path, monkeypatch):
+    from mnv1_backbone.convert.checkpoint import TFCheckpoint
+
+    folder = _case_dir("ssd_k1_sigmoid")
+    original = TFCheckpoint.read_all
+
+    def with_extra(self, **kwargs):
+        return {**original(self, **kwargs), "FeatureExtractor/MobilenetV1/Conv2d_14_pointwise/weights":
+                np.zeros((1, 1, 8, 8), np.float32), "some_training_counter": np.zeros((), np.float32)}
+
+    monkeypatch.setattr(TFCheckpoint, "read_all", with_extra)
+    with pytest.raises(StateDictMismatchError, match=r"1 unexpected: FeatureExtractor/MobilenetV1/Conv2d_14"):
+        from_tf_object_detection(folder)

@@ -80,6 +80,7 @@ _DEBIAS_RE = re.compile(r"/(biased|local_step)$")
 _DATE_RES = (re.compile(r"(?<!\d)(20\d\d)_(\d\d)_(\d\d)(?!\d)"), re.compile(r"(?<!\d)(\d\d)_(\d\d)_(20\d\d)(?!\d)"))
 _ARCHIVE_MEMBER = re.compile(r"(\.index|\.data-\d{5}-of-\d{5}|\.pb|pipeline\.config|\.pbtxt)$")
 _MAX_MEMBER_BYTES = 1 << 30
+_MODEL_SCOPES = ("FeatureExtractor/", "BoxPredictor", "WeightSharedConvolutionalBoxPredictor")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,7 +285,13 @@ def _load_variables(
         converted[key] = tensor
     unexpected = []
     if strict_unexpected:
-        unexpected = sorted(name for name in variables if name not in used)
+        # Leftovers inside the model's scopes mean another architecture; anything else (a stray training-time
+        # variable) is only logged.
+        leftovers = sorted(name for name in variables if name not in used)
+        unexpected = [name for name in leftovers if name.startswith(_MODEL_SCOPES)]
+        if len(leftovers) > len(unexpected):
+            logger.info("%s: ignored %d variables outside the model's scopes, e.g. %s", source,
+                        len(leftovers) - len(unexpected), [n for n in leftovers if n not in unexpected][:5])
     if missing or misshapen or unexpected:
         parts = []
         for label, names in (("wrong shape", misshapen), ("missing", missing), ("unexpected", unexpected)):
@@ -835,8 +842,9 @@ def from_tf_object_detection(
             model = _load_folder(folder, legacy_anchor_order, clip_before_nms, label_map, overrides,
                                  date_source=name)
         return model
-    return _load_folder(path, legacy_anchor_order, clip_before_nms, label_map, overrides,
-                        date_source=str(path.resolve()) if path.exists() else str(path))
+    # The date is read from the file's or folder's own name, not from the directories above it.
+    date_source = path.name if path.is_dir() else f"{path.resolve().parent.name}/{path.name}"
+    return _load_folder(path, legacy_anchor_order, clip_before_nms, label_map, overrides, date_source=date_source)
 
 
 def _load_folder(path: Path, legacy: bool, clip_before_nms: bool | None,
