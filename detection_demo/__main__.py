@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch.distributed
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .distributed import BACKENDS, env_rank
@@ -318,6 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{prefix}{error}", file=sys.stderr)
         else:  # torchrun stops the job when the first process exits: leave rank 0 the time to print the message
             time.sleep(2.0)
+        return 1
+    except torch.distributed.DistError as error:
+        # A collective failed: another process died or timed out (--dist-timeout). torchrun reports which.
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error (rank {rank}): the processes of this job lost each other: {first_line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if rank == 0:
