@@ -6,7 +6,8 @@ own code, not by a re-implementation.
 
 This is a maintainer tool, not part of the package, and is NOT run by the tests. It needs a throwaway environment:
 
-    python -m venv /tmp/tfenv && /tmp/tfenv/bin/pip install tensorflow-cpu tf_slim pillow grpcio-tools
+    python -m venv /tmp/tfenv
+    /tmp/tfenv/bin/pip install tensorflow-cpu==2.21.0 tf_slim tf_keras==2.21.0 pillow grpcio-tools
     # the OD-API source: the PyPI wheel object_detection-0.0.3 (a 2018/2019 snapshot of
     # tensorflow/models/research/object_detection), unzipped:
     unzip object_detection-0.0.3-py3-none-any.whl -d /tmp/odapi/src
@@ -28,7 +29,8 @@ verbatim (all listed in tests/fixtures/odapi/README.md):
 1. Import shim: `import tensorflow` inside the OD-API yields `tf.compat.v1` with `tf.contrib.slim` = `tf_slim`
    (also `tf.contrib.layers`, `tf.contrib.framework`); every other `tensorflow.contrib.*` module and every `nets.*`
    module other than `nets.mobilenet_v1` is an empty stub (only needed by code paths not used here: faster-rcnn,
-   TPU, the exporter's nn-resize rewrite); `object_detection.utils.visualization_utils` is stubbed (matplotlib).
+   TPU, the exporter's nn-resize rewrite); `object_detection.utils.visualization_utils` is stubbed (matplotlib);
+   `tf_keras.legacy_tf_layers` is aliased to `tf_keras.src.legacy_tf_layers` (tf_slim.batch_norm needs it).
 2. Freezing: `tf.compat.v1.graph_util.convert_variables_to_constants` on the export graph with the exporter's four
    output names (what `freeze_graph.freeze_graph_with_def_protos` does inside `exporter._export_inference_graph`),
    without the saved_model; the checkpoint is written by `tf.compat.v1.train.Saver` (V2 format) from the same graph.
@@ -41,9 +43,14 @@ verbatim (all listed in tests/fixtures/odapi/README.md):
    itself runs NMS on unclipped boxes and clips the survivors afterwards).
 5. Case ssd_quantized: `tf.contrib.quantize` does not exist in TF 2.x, so the graph is NOT rewritten; the
    checkpoint gets, beside the float weights, the FakeQuant range variables contrib.quantize would create
-   (`<layer>/weights_quant/min|max` = the layer's weight range, `<layer>/act_quant/min|max` = 0/6 after ReLU6 and
-   the observed range on the fixture images for the linear predictor outputs). The reference outputs and the frozen
-   graph are the FLOAT network's.
+   (`<op context>/weights_quant/min|max` = range of the BatchNorm-folded weights, `<op context>/act_quant/min|max` =
+   observed range of the layer output on the fixture images; see `_add_quant_ranges`). The reference outputs are the
+   FLOAT network's; no frozen graph is written for this case.
+6. FPN case: the shared predictor's output layers are rescaled after the random draw (`_calibrate_shared_heads`) so
+   that scores are not all saturated.
+
+Each case is cross-checked after writing: a NumPy re-run of decode + score conversion + NMS in the case's clip
+order must reproduce TF's detections (`_verify`), and the frozen graph must reproduce the in-session outputs.
 """
 
 from __future__ import annotations
@@ -88,12 +95,12 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def install_tf1_shim():
     """Make `import tensorflow` give TF1 (`tf.compat.v1`, graph mode) with `tf.contrib.slim` = tf_slim."""
     import tensorflow as tf2
-    import tf_slim
 
     # tf_slim.batch_norm uses tf.compat.v1.layers.BatchNormalization, which TF 2.21 lazily loads from
     # `tf_keras.legacy_tf_layers`; tf_keras 2.21 keeps it under `tf_keras.src`.
     import tf_keras.src.legacy_tf_layers as legacy_layers
     import tf_keras.src.legacy_tf_layers.normalization as legacy_normalization
+    import tf_slim
 
     sys.modules.setdefault("tf_keras.legacy_tf_layers", legacy_layers)
     sys.modules.setdefault("tf_keras.legacy_tf_layers.normalization", legacy_normalization)
@@ -176,7 +183,7 @@ model {{
       depth_multiplier: 0.25
 {extra}      conv_hyperparams {{ {_HYPER} }}
     }}
-{_LOSS.replace("CLASSIFICATION_LOSS", "weighted_softmax { }" if score_converter == "SOFTMAX" else "weighted_sigmoid { }")}
+{_LOSS.replace("CLASSIFICATION_LOSS", f"weighted_{score_converter.lower()} {{ }}")}
     post_processing {{
       batch_non_max_suppression {{ score_threshold: {score_threshold} iou_threshold: {iou_threshold}
                                    max_detections_per_class: 20 max_total_detections: 30 }}
@@ -466,7 +473,7 @@ def build_case(name, spec, tf, images):
 
     arrays = {}
     anchors0 = results[0]["anchors"]
-    for i, (img, res) in enumerate(zip(images, results)):
+    for i, (img, res) in enumerate(zip(images, results, strict=True)):
         np.testing.assert_array_equal(res["anchors"], anchors0)
         arrays[f"image_{i}"] = img
         arrays[f"preprocessed_{i}"] = res["preprocessed"].astype(np.float32)
@@ -571,9 +578,9 @@ def _check_frozen(tf, out, images, results):
         tf.import_graph_def(graph_def, name="")
         with tf.Session(graph=g) as sess:
             names = ["detection_boxes", "detection_scores", "detection_classes", "num_detections"]
-            for img, res in zip(images, results):
+            for img, res in zip(images, results, strict=True):
                 got = sess.run([n + ":0" for n in names], {"image_tensor:0": img[None]})
-                for n, v in zip(names, got):
+                for n, v in zip(names, got, strict=True):
                     np.testing.assert_allclose(v, res[n], atol=1e-5, err_msg=n)  # grappler may fold differently
 
 
