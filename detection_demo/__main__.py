@@ -30,7 +30,7 @@ from typing import Any
 import torch.distributed
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .distributed import BACKENDS, env_rank
+from .distributed import BACKENDS, CollectiveError, env_rank
 from .models import BUILDERS
 from .train import AMP_DTYPES, OPTIMIZERS, NonFiniteLossError, TrainConfig
 
@@ -320,10 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:  # torchrun stops the job when the first process exits: leave rank 0 the time to print the message
             time.sleep(2.0)
         return 1
-    except torch.distributed.DistError as error:
-        # A collective failed: another process died or timed out (--dist-timeout). torchrun reports which.
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"error (rank {rank}): the processes of this job lost each other: {first_line}", file=sys.stderr)
+    except (CollectiveError, torch.distributed.DistError) as error:
+        # Another process died or timed out (--dist-timeout); torchrun's summary below says which one.
+        text = str(error).strip()
+        print(f"error (rank {rank}): {text.splitlines()[0] if text else type(error).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if rank == 0:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 __all__ = [
     "BACKENDS",
+    "CollectiveError",
     "DistributedContext",
     "all_reduce_sum",
     "barrier",
@@ -37,6 +38,22 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("nccl", "gloo")
 T = TypeVar("T")
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: another process of the job died, or did not answer within the process-group timeout."""
+
+
+@contextmanager
+def _collective(context: DistributedContext, what: str) -> Iterator[None]:
+    """Turn the backend's error (gloo: "Connection closed by peer", a timeout) into one clear `CollectiveError`."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error).strip()
+        first_line = text.splitlines()[0] if text else type(error).__name__
+        raise CollectiveError(f"{what} failed on rank {context.rank}: another process of the job stopped or did not "
+                              f"answer in time (--dist-timeout); the backend said: {first_line}") from error
 
 
 @dataclass(frozen=True)
@@ -143,7 +160,8 @@ def all_reduce_sum(context: DistributedContext, values: list[float]) -> list[flo
     # nccl reduces device tensors only; gloo host ones.
     device = context.device if context.backend == "nccl" else torch.device("cpu")
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    with _collective(context, "all_reduce"):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
 
 
@@ -152,7 +170,8 @@ def gather_to_main(context: DistributedContext, value: T) -> list[T] | None:
     if not context.enabled:
         return [value]
     gathered: list[Any] = [None] * context.world_size
-    dist.all_gather_object(gathered, value)
+    with _collective(context, "all_gather_object"):
+        dist.all_gather_object(gathered, value)
     return gathered if context.is_main else None
 
 
@@ -161,11 +180,13 @@ def broadcast_from_main(context: DistributedContext, value: T) -> T:
     if not context.enabled:
         return value
     box: list[Any] = [value if context.is_main else None]
-    dist.broadcast_object_list(box, src=0)
+    with _collective(context, "broadcast_object_list"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def barrier(context: DistributedContext) -> None:
     """Wait for every rank (e.g. until rank 0 has written a file the others read)."""
     if context.enabled:
-        dist.barrier()
+        with _collective(context, "barrier"):
+            dist.barrier()
