@@ -465,6 +465,25 @@ def test_training_loss_keys_and_fine_tuning_lowers_the_loss():
     assert last < 0.7 * first
 
 
+def test_standard_config_has_1917_anchors():
+    text = MINIMAL.replace("height: 96 width: 96", "height: 300 width: 300").replace(
+        "aspect_ratios: [1.0, 2.0, 0.5]", "aspect_ratios: [1.0, 2.0, 0.5, 3.0, 0.3333]")
+    from mnv1_backbone.detection.odapi import build_network
+
+    config = SSDPipelineConfig.from_text(text)
+    model = ODAPISSDDetector(config, build_network(config))
+    # ssd_mobilenet_v1_coco's well-known layout: 19x19x3 + (10x10 + 5x5 + 3x3 + 2x2 + 1x1) x 6 = 1917 anchors.
+    assert model.feature_map_shapes == [(19, 19), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
+    assert model.anchors.shape == (1917, 4)
+
+
+def test_new_class_head_takes_the_given_label_map(tmp_path):
+    path = tmp_path / "labels.pbtxt"
+    path.write_text("item { id: 1 name: 'face' } item { id: 2 name: 'hand' }")
+    model = _load("ssd_k1_sigmoid", num_classes=2, label_map=path)
+    assert model.id2label == {1: "face", 2: "hand"}
+
+
 def test_fine_tuning_keeps_the_box_head_and_features():
     original = _load("ssd_k1_sigmoid")
     tuned = _load("ssd_k1_sigmoid", num_classes=2)

@@ -895,7 +895,9 @@ def _load_folder(path: Path, legacy: bool, clip_before_nms: bool | None,
     )
     num_classes = overrides.get("num_classes")
     if num_classes is not None and num_classes != config.num_classes:
-        model.reset_class_head(int(num_classes))
+        # The new head's names come from the label map the caller gave, not from the model's own.
+        new_labels = _resolve_labels(label_map, None, int(num_classes)) if label_map is not None else None
+        model.reset_class_head(int(num_classes), new_labels)
     return model.eval()
 
 
@@ -915,12 +917,12 @@ def _num_classes_hint(network: nn.Module, variables: Mapping[str, np.ndarray], c
     return ""
 
 
-def _resolve_labels(label_map: Any, folder: Path, num_classes: int) -> dict[int, str]:
+def _resolve_labels(label_map: Any, folder: Path | None, num_classes: int) -> dict[int, str]:
     if isinstance(label_map, Mapping):
         return {int(k): str(v) for k, v in label_map.items()}
     if label_map is not None:
         return read_label_map(label_map)
-    found = sorted(folder.glob("*label_map*.pbtxt"))
+    found = sorted(folder.glob("*label_map*.pbtxt")) if folder is not None else []
     if len(found) == 1:
         return read_label_map(found[0])
     if num_classes == 90:
