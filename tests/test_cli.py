@@ -398,7 +398,7 @@ def test_export_fails_when_the_exported_model_disagrees(small_checkpoint, tmp_pa
         out.write_bytes(b"stand-in")
         return lambda x: module(x) + 1e-3
 
-    monkeypatch.setattr(cli, "_export_torchscript", broken_export)
+    monkeypatch.setattr(cli.export, "_export_torchscript", broken_export)
     argv = ["export", "--weights", str(small_checkpoint), "--format", "torchscript", str(tmp_path / "bad.pt")]
     assert cli.main(argv) == 1
     assert_one_line_error(capsys.readouterr().err, "verification failed: max abs diff 1.000e-03 > tolerance 0.0001")

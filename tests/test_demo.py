@@ -64,6 +64,7 @@ def cli_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     return {"output": output, "stdout": process.stdout, "first": first}
 
 
+@pytest.mark.slow
 def test_cli_train_writes_a_complete_checkpoint(cli_run: dict[str, Any], data_root: Path) -> None:
     output, first = cli_run["output"], cli_run["first"]
     assert "not finished:   continue with --resume" in cli_run["stdout"]
@@ -85,6 +86,7 @@ def test_cli_train_writes_a_complete_checkpoint(cli_run: dict[str, Any], data_ro
     assert not list(output.glob(".*.tmp"))  # atomic writes leave no temporary files
 
 
+@pytest.mark.slow
 def test_cli_resume_evaluate_predict(cli_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     output, first = cli_run["output"], cli_run["first"]
     assert main(["train", "--data-root", "ignored-on-resume", "--output", str(output), "--resume", "auto",
@@ -123,6 +125,7 @@ def test_cli_resume_evaluate_predict(cli_run: dict[str, Any], tmp_path: Path, ca
     assert all(d["category"] in CATEGORIES for found in drawn.values() for d in found)
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(data_root: Path, tmp_path: Path) -> None:
     settings = {**TINY, "data_root": str(data_root), "epochs": 2, "eval_interval": 0, "zoom_out": 2.0}
     straight = train(TrainConfig(**settings, output=str(tmp_path / "straight")))
@@ -148,6 +151,7 @@ def test_resumed_run_equals_uninterrupted_run(data_root: Path, tmp_path: Path) -
             torch.testing.assert_close(tensor, a["model"][key], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_clear_message(data_root: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture) -> None:
@@ -185,6 +189,7 @@ def test_non_finite_loss_stops_with_a_clear_message(data_root: Path, tmp_path: P
                           epochs=1, eval_interval=0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["fasterrcnn", "retinanet", "fcos", "maskrcnn"])
 def test_every_builder_trains_and_evaluates(model: str, data_root: Path, tmp_path: Path) -> None:
     # Fewer RoIs and detections than torchvision's defaults: the box head's FC and the mask pasting dominate CPU time.

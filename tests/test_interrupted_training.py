@@ -52,6 +52,7 @@ def _environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root: Path, tmp_path: Path) -> None:
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     # Both runs start together (one thread each) to save wall time; only the second one is killed.
@@ -156,6 +157,7 @@ def test_checkpoint_is_complete_whenever_the_writer_is_killed(tmp_path: Path) ->
     assert not list(tmp_path.glob(f".{checkpoint_io.CHECKPOINT_NAME}.*.tmp"))
 
 
+@pytest.mark.slow
 def test_diverging_training_stops_with_a_clear_message(data_root: Path, tmp_path: Path, capsys) -> None:
     from detection_demo.__main__ import main
 

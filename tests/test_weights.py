@@ -151,14 +151,14 @@ def test_writes_are_atomic(tmp_path, monkeypatch) -> None:
     ours = _small()
     ours.save_pretrained(tmp_path)
     before = (tmp_path / "model.safetensors").read_bytes()
-    import mnv1_backbone.weights as weights
+    import mnv1_backbone.hf_checkpoint as hf_checkpoint
 
     def crash(tensors, path, metadata=None):
         with open(path, "wb") as handle:
             handle.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(weights, "save_file", crash)
+    monkeypatch.setattr(hf_checkpoint, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         ours.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before

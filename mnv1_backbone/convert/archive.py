@@ -391,9 +391,9 @@ def convert_with_report(
     prefer_ema: bool = True,
 ) -> ConversionReport:
     """`convert`, returning a `ConversionReport`."""
-    from mnv1_backbone.classification import MobileNetV1ForImageClassification
+    from mnv1_backbone.hf_checkpoint import save_hf_directory
     from mnv1_backbone.image_processing import MobileNetV1ImageProcessor
-    from mnv1_backbone.weights import load_state_dict_strict
+    from mnv1_backbone.shapes import check_shapes, classifier_shapes
 
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32):
         raise ValueError(f"image_size must be an int >= 32, got {image_size!r}")
@@ -412,9 +412,10 @@ def convert_with_report(
             resolution,
         )
     config = dataclasses.replace(release.config, image_size=resolution)
-    model = MobileNetV1ForImageClassification(config)
-    load_state_dict_strict(model, release.state_dict, source=str(src))
-    model.save_pretrained(destination)
+    # Checked against the shapes the config implies, and written as (config, state dict): no model is built here.
+    expected = classifier_shapes(config)
+    check_shapes(expected, release.state_dict, source=str(src), target="MobileNetV1ForImageClassification")
+    save_hf_directory(config, _with_batch_counters(expected, release.state_dict), destination)
     # HF's recipe: resize the short side to res + 32 (256 for 224), center crop res.
     processor = MobileNetV1ImageProcessor(
         size={"shortest_edge": resolution + 32}, crop_size={"height": resolution, "width": resolution}
@@ -436,6 +437,19 @@ def convert_with_report(
         image_size=resolution,
         destination=destination,
     )
+
+
+def _with_batch_counters(expected: Mapping[str, tuple[int, ...]], state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The state dict in the model's key order, with the BatchNorm step counters (zero) that a model's own
+    `state_dict()` holds and TF files do not, so the files written equal what `save_pretrained` writes."""
+    def as_model_holds(value: Any) -> Any:  # a model's parameters and statistics are float32 by default
+        return value.to(torch.float32) if value.is_floating_point() else value
+
+    return {
+        key: as_model_holds(state_dict[key]) if key in state_dict else torch.zeros((), dtype=torch.long)
+        for key in expected
+        if key in state_dict or key.endswith("num_batches_tracked")
+    }
 
 
 def convert(

@@ -1,0 +1,72 @@
+"""`mnv1 detect`: draw a detection_demo detector's boxes on images (the demo's `predict_images`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ._common import CLIError, add_command, probability, read_image
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add the command's parser to the `mnv1` subcommands."""
+    sub = add_command(
+        commands,
+        "detect",
+        "Draw a trained detector's boxes on images and save them as PNG files.",
+        "The checkpoint is one written by 'python -m detection_demo train' (checkpoint_last.pt or the exported\n"
+        "model.safetensors): it holds the builder, its arguments and the category names, so nothing else is\n"
+        "needed. Writes OUT/<image name>.png per image and OUT/predictions.json with every drawn box.",
+        "  mnv1 detect street.jpg --checkpoint runs/demo/checkpoint_last.pt --out predictions/\n"
+        "  mnv1 detect photos/ --checkpoint runs/demo/model.safetensors --score-threshold 0.3 --out predictions/",
+    )
+    sub.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    sub.add_argument("--checkpoint", required=True, metavar="PATH",
+                     help="detector checkpoint from detection_demo (training checkpoint .pt or exported "
+                     ".safetensors)")
+    sub.add_argument("--score-threshold", type=probability, default=0.5, metavar="S",
+                     help="draw only detections scoring at least S (in [0, 1])")
+    sub.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files (created if missing)")
+    sub.add_argument("--device", default="cpu", help="torch device to run the detector on, e.g. cpu or cuda")
+    sub.add_argument("--json", action="store_true",
+                     help="print the detections as JSON ({image: [{category, score, box_xyxy}]}) instead of a "
+                     "summary")
+    sub.set_defaults(handler=run)
+    return sub
+
+
+def run(args: argparse.Namespace) -> int:
+    for item in args.images:  # fail on a bad image before building the detector; folders are expanded later
+        if not Path(item).is_dir():
+            read_image(item)
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise CLIError(f"checkpoint not found: {checkpoint}")
+    if checkpoint.suffix != ".safetensors" and not zipfile.is_zipfile(checkpoint):  # torch.save writes zip files
+        raise CLIError(
+            f"{checkpoint} is not a detection_demo checkpoint (a training checkpoint .pt or an exported .safetensors)"
+        )
+    try:
+        from detection_demo.predict import predict_images
+    except ImportError as error:
+        raise CLIError(f"detect needs the detection_demo package installed with mnv1_backbone ({error})") from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder")
+    written = predict_images(checkpoint, args.images, out, score_threshold=args.score_threshold, device=args.device)
+    report = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for (image, found), png in zip(report.items(), written, strict=True):
+        print(f"{image}: {len(found)} detection{'s' if len(found) != 1 else ''} >= {args.score_threshold:g} -> {png}")
+        for detection in found:
+            box = ", ".join(f"{v:.1f}" for v in detection["box_xyxy"])
+            print(f"  {detection['category']:<20} {detection['score']:.3f}  [{box}]")
+    print(f"wrote {len(written)} image{'s' if len(written) != 1 else ''} and {out / 'predictions.json'}")
+    return 0
