@@ -594,7 +594,8 @@ class ODAPISSDDetector(nn.Module):
             reg_t = torch.where(matched[:, None], reg_t, torch.zeros_like(reg_t))
         else:
             reg_t = torch.zeros(num_anchors, 4, device=device)
-        cls_w = (match != -2).to(cls_t)
+        cls_w = torch.where(match == -1, torch.full_like(reg_t[:, 0], self.config.negative_class_weight),
+                            (match != -2).to(cls_t))
         reg_w = matched.to(cls_t)
         return cls_t, cls_w, reg_t, reg_w, match
 

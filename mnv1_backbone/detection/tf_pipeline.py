@@ -487,6 +487,7 @@ class SSDPipelineConfig:
     normalize_loss_by_num_matches: bool = True
     normalize_loc_loss_by_codesize: bool = False
     encode_background_as_zeros: bool = False  # training only: unmatched anchors' class target is all zeros
+    negative_class_weight: float = 1.0  # training only: class-loss weight of unmatched anchors
     use_moving_averages: bool = False
     quantized: bool = False
 
@@ -628,6 +629,7 @@ def _ssd_config(root: TextMessage) -> SSDPipelineConfig:
         normalize_loss_by_num_matches=_get(ssd, "normalize_loss_by_num_matches", bool, True),
         normalize_loc_loss_by_codesize=_get(ssd, "normalize_loc_loss_by_codesize", bool, False),
         encode_background_as_zeros=_get(ssd, "encode_background_as_zeros", bool, False),
+        negative_class_weight=_get(ssd, "negative_class_weight", float, 1.0),
         use_moving_averages=_get(eval_config, "use_moving_averages", bool, False),
         quantized=rewriter is not None and rewriter.has("quantization"),
     )
