@@ -416,8 +416,10 @@ def _train(config: TrainConfig, given: Collection[str] | None, context: Distribu
     # drop_last: a batch of 1 breaks BatchNorm on 1x1 maps, and every rank must run the same number of steps.
     steps_per_epoch = len(batch_sampler) // config.accumulate
     if steps_per_epoch < 1:
-        raise ValueError(f"{len(train_set)} training images are too few for {context.world_size} processes x batch "
-                         f"{batch_size} x accumulate {config.accumulate}")
+        error = ValueError(f"{len(train_set)} training images are too few for {context.world_size} processes x batch "
+                           f"{batch_size} x accumulate {config.accumulate}")
+        error.every_rank = True  # type: ignore[attr-defined]
+        raise error
     global_batch = context.world_size * batch_size * config.accumulate
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
@@ -464,7 +466,7 @@ def _train(config: TrainConfig, given: Collection[str] | None, context: Distribu
     final_metrics = history["evals"][-1] if history["evals"] else None
     run_args = {**config.to_dict(), "data_paths": setup["data_paths"].to_dict()}
     parameters = [p for p in model_without_ddp.parameters() if p.requires_grad]
-    bar = tqdm(total=total_steps, initial=min(global_step, total_steps), unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total_steps, initial=epoch * steps_per_epoch, unit="step", dynamic_ncols=True,
                disable=not (config.progress and main), desc=f"epoch {epoch + 1}/{config.epochs}")
     persistent = config.persistent_workers and config.workers > 0
     loader = None
