@@ -78,7 +78,10 @@ _SLOT_RE = re.compile(r"/(RMSProp|RMSProp_1|Momentum|Adam|Adam_1|Adagrad|Ftrl|Ft
 _DEBIAS_RE = re.compile(r"/(biased|local_step)$")
 # Model-zoo names carry a date: ..._11_06_2017 (dd_mm_yyyy) or ..._2018_01_28 (yyyy_mm_dd).
 _DATE_RES = (re.compile(r"(?<!\d)(20\d\d)_(\d\d)_(\d\d)(?!\d)"), re.compile(r"(?<!\d)(\d\d)_(\d\d)_(20\d\d)(?!\d)"))
-_ARCHIVE_MEMBER = re.compile(r"(\.index|\.data-\d{5}-of-\d{5}|\.pb|pipeline\.config|\.pbtxt)$")
+# What a model-zoo tarball holds that we read; graph.pbtxt (a text GraphDef, tens of MB), model.ckpt.meta and
+# saved_model/ are left in the archive.
+_ARCHIVE_MEMBER = re.compile(r"(\.index|\.data-\d{5}-of-\d{5}|frozen_inference_graph\.pb|pipeline\.config|"
+                             r"label_map[^/]*\.pbtxt)$")
 _MAX_MEMBER_BYTES = 1 << 30
 _MODEL_SCOPES = ("FeatureExtractor/", "BoxPredictor", "WeightSharedConvolutionalBoxPredictor")
 
