@@ -464,7 +464,7 @@ class ODAPISSDDetector(nn.Module):
                 shape = list(image.shape) if isinstance(image, Tensor) else type(image).__name__
                 raise ValueError(f"image {i}: expected a (3, H, W) tensor, got {shape}")
             batch.append(preprocess_image(image, self.image_size))
-        return torch.stack(batch).to(self.anchors.device)
+        return torch.stack(batch).to(self.anchors)  # the model's device and dtype
 
     def predict_raw(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Box encodings (N, A, 4) and class logits (N, A, C + 1) of images in [0, 1] (what TF's graph calls
