@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import batched_nms, box_iou, sigmoid_focal_loss
 
+from .._io import atomic_write, atomic_write_text
 from ..convert.checkpoint import TFCheckpoint, checkpoint_prefix
 from ..convert.frozen_graph import read_graph_nodes
 from ..errors import StateDictMismatchError, WeightsFormatError
@@ -472,7 +473,10 @@ class ODAPISSDDetector(nn.Module):
         codes, logits, _ = self.network(self.preprocess(images))
         return codes, logits
 
-    def postprocess(self, codes: Tensor, logits: Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[dict]:
+    def postprocess(
+        self, codes: Tensor, logits: Tensor, image_sizes: Sequence[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """Per image: OD-API postprocessing, then boxes scaled to that image's pixels as (x1, y1, x2, y2)."""
         pp = self.config.post_processing
         out = []
         for i, (height, width) in enumerate(image_sizes):
@@ -488,7 +492,9 @@ class ODAPISSDDetector(nn.Module):
             out.append({"boxes": boxes, "scores": det.scores, "labels": det.labels.to(torch.int64)})
         return out
 
-    def forward(self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None):
+    def forward(
+        self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
+    ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
         """eval: list of detections dicts; train: the loss dict (targets required)."""
         if self.training:
             if targets is None:
@@ -661,7 +667,9 @@ class ODAPISSDDetector(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "model_type": MODEL_TYPE})
+        # Atomic: a killed writer never leaves half a file that from_pretrained would trip over.
+        atomic_write(directory / WEIGHTS_NAME,
+                     lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "model_type": MODEL_TYPE}))
         config = {
             "model_type": MODEL_TYPE,
             "format_version": 1,
@@ -672,7 +680,7 @@ class ODAPISSDDetector(nn.Module):
             "feature_map_shapes": [list(s) for s in self.feature_map_shapes],
             "num_anchors": int(self.anchors.shape[0]),
         }
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> ODAPISSDDetector:
