@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mnv1_backbone.detection.anchors import ssd_anchor_box_specs, ssd_anchors
 from mnv1_backbone.detection.box_coder import decode_boxes, encode_boxes
@@ -621,3 +623,23 @@ def test_variables_of_another_architecture_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(TFCheckpoint, "read_all", with_extra)
     with pytest.raises(StateDictMismatchError, match=r"1 unexpected: FeatureExtractor/MobilenetV1/Conv2d_14"):
         from_tf_object_detection(folder)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet=st.sampled_from(list("ab_:{}<>[],;#'\"\\\n 0123456789.-exfn")), max_size=200))
+def test_parser_fails_only_with_pipeline_config_error(text):
+    try:
+        parse_text_proto(text)
+    except PipelineConfigError:
+        pass
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, len(MINIMAL) - 1), st.integers(1, 30),
+       st.sampled_from(["", "{", "}", "x", ":", "'", "-1", "9e9"]))
+def test_config_reader_fails_only_with_pipeline_config_error(start, length, replacement):
+    text = MINIMAL[:start] + replacement + MINIMAL[start + length :]
+    try:
+        SSDPipelineConfig.from_text(text)
+    except PipelineConfigError:
+        pass

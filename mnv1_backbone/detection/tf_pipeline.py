@@ -342,6 +342,12 @@ def _enum(msg: TextMessage | None, name: str, allowed: tuple[str, ...], default:
     return value
 
 
+def _check_min(msg: TextMessage | None, name: str, value: int | float, minimum: int | float) -> None:
+    if value < minimum:
+        path = msg.child_path(name) if msg is not None else name
+        raise PipelineConfigError(f"{path}: {value} is below the smallest allowed value {minimum}")
+
+
 def _refuse(path: str, what: str) -> PipelineConfigError:
     return PipelineConfigError(f"{path}: {what} is not supported")
 
@@ -557,6 +563,7 @@ def _ssd_config(root: TextMessage) -> SSDPipelineConfig:
     ):
         raise _refuse(fe.child_path("pad_to_multiple"), "pad_to_multiple that does not divide the image size")
     fpn = fe.message("fpn")
+    _check_min(fe, "min_depth", _get(fe, "min_depth", int, 16), 0)
     depth_multiplier = _get(fe, "depth_multiplier", float, 1.0)
     if not 0.0 < depth_multiplier <= 4.0:
         raise PipelineConfigError(f"{fe.child_path('depth_multiplier')}: {depth_multiplier} outside (0, 4]")
@@ -650,6 +657,9 @@ def _box_predictor(ssd: TextMessage) -> BoxPredictorConfig:
     if clip is not None:
         raise _refuse(msg.child_path("box_encodings_clip_range"), "box_encodings_clip_range")
     hyper = HyperparamsConfig.parse(msg.message("conv_hyperparams"), msg.child_path("conv_hyperparams"))
+    for name, minimum in (("kernel_size", 1), ("num_layers_before_predictor", 0), ("min_depth", 0), ("max_depth", 0),
+                          ("depth", 0)):
+        _check_min(msg, name, _get(msg, name, int, minimum), minimum)
     if kind == "convolutional_box_predictor":
         if _get(msg, "apply_sigmoid_to_scores", bool, False):
             raise _refuse(msg.child_path("apply_sigmoid_to_scores"), "apply_sigmoid_to_scores: true")
@@ -745,6 +755,8 @@ def _post_processing(ssd: TextMessage) -> PostProcessingConfig:
         score_converter=_enum(pp, "score_converter", ("IDENTITY", "SIGMOID", "SOFTMAX"), "IDENTITY"),
         logit_scale=_get(pp, "logit_scale", float, 1.0),
     )
+    _check_min(nms, "max_detections_per_class", config.max_detections_per_class, 1)
+    _check_min(nms, "max_total_detections", config.max_total_detections, 1)
     if not 0.0 <= config.iou_threshold <= 1.0:
         raise PipelineConfigError(f"{nms.child_path('iou_threshold')}: {config.iou_threshold} outside [0, 1]")
     if config.logit_scale == 0.0 or not math.isfinite(config.logit_scale):
