@@ -139,6 +139,21 @@ def test_convert_round_trip_gives_the_tf_load_detections(tarball: Path, tmp_path
     assert "converted without --legacy-anchor-order" in capsys.readouterr().err
 
 
+def test_convert_recognises_a_bare_od_api_graph_and_not_a_classifier_graph(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    from mnv1_backbone.cli._odapi import is_odapi_model
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(SSD / "frozen_inference_graph.pb", bare)  # without its pipeline.config: read from the graph
+    assert is_odapi_model(bare / "frozen_inference_graph.pb")
+    classifier_graph = Path(__file__).parent / "fixtures" / "tf_slim" / "mobilenet_v1_0.125_128_quant_frozen.pb"
+    assert classifier_graph.is_file() and not is_odapi_model(classifier_graph)
+    assert main(["convert", str(bare / "frozen_inference_graph.pb"), str(tmp_path / "converted")]) == 0
+    assert "4 classes, 330 anchors" in capsys.readouterr().out
+    assert ODAPISSDDetector.from_pretrained(tmp_path / "converted").anchors.shape == (330, 4)
+
+
 def test_detect_and_convert_errors_are_one_line(tarball: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     truncated = tmp_path / f"{MODEL_NAME}.tar.gz"
     truncated.write_bytes(tarball.read_bytes()[: tarball.stat().st_size // 2])

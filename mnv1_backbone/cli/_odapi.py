@@ -38,7 +38,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def is_odapi_model(path: str | Path) -> bool:
     """Whether `path` is a TF Object Detection API model (what `convert` converts with the OD-API reader): a
-    folder or archive holding ``pipeline.config``, a graph or checkpoint prefix beside one, or a converted folder."""
+    folder or archive holding ``pipeline.config``, a graph or checkpoint prefix beside one, a graph with OD-API
+    node names, or a converted folder."""
     path = Path(path)
     if path.is_dir():
         return (path / "pipeline.config").is_file() or _is_converted(path)
@@ -48,7 +49,20 @@ def is_odapi_model(path: str | Path) -> bool:
                 return any(Path(member.name).name == "pipeline.config" for member in tar)
         except (tarfile.TarError, OSError, EOFError):
             return False  # a corrupt archive: the caller's reader says what is wrong with it
+    if path.is_file() and path.suffix == ".pb" and _names_box_predictor(path):
+        return True  # an OD-API graph without its pipeline.config: the reader infers what the graph tells
     return (path.parent / "pipeline.config").is_file()
+
+
+def _names_box_predictor(graph: Path) -> bool:
+    """Whether a GraphDef file names OD-API ``BoxPredictor`` nodes (a classifier's graph has none)."""
+    import mmap
+
+    with open(graph, "rb") as file:
+        if file.seek(0, 2) == 0:
+            return False
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return data.find(b"BoxPredictor") >= 0
 
 
 def _is_converted(folder: Path) -> bool:
