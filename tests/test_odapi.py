@@ -643,3 +643,34 @@ def test_config_reader_fails_only_with_pipeline_config_error(start, length, repl
         SSDPipelineConfig.from_text(text)
     except PipelineConfigError:
         pass
+
+
+# The OD-API's own losses (real TensorFlow, `python tools/odapi_tf_losses.py` in the fixtures' TF environment) for
+# TF's preprocessed photos of each case and this ground truth (normalised ymin, xmin, ymax, xmax; 1-based labels).
+TF_GROUNDTRUTH = {
+    "boxes": [[[0.1, 0.2, 0.5, 0.6], [0.4, 0.1, 0.9, 0.45], [0.05, 0.7, 0.3, 0.98]], [[0.2, 0.3, 0.7, 0.9]]],
+    "labels": [[1, 3, 2], [2]],
+}
+TF_LOSSES = {
+    "ssd_k1_sigmoid": (26.114940643310547, 3.512195587158203),  # sigmoid + hard example mining
+    "ssd_k3_legacy_explicit_depthwise_softmax": (5.410125732421875, 2.9248039722442627),  # softmax loss
+    "fpn_shared": (0.9513063430786133, 0.8417928218841553),  # focal loss, background as zeros, codesize
+    "ssd_quantized": (22.342086791992188, 4.300050258636475),
+}
+
+
+@pytest.mark.parametrize("case", list(TF_LOSSES))
+def test_training_losses_match_tensorflow(case):
+    folder = _case_dir(case)
+    reference = np.load(folder / "reference.npz")
+    model = _load(case)
+    batch = torch.from_numpy(np.concatenate([reference["preprocessed_0"], reference["preprocessed_1"]]))
+    batch = batch.permute(0, 3, 1, 2)
+    size = batch.shape[-1]
+    targets = [{"boxes": torch.tensor(boxes)[:, [1, 0, 3, 2]] * size, "labels": torch.tensor(labels)}
+               for boxes, labels in zip(TF_GROUNDTRUTH["boxes"], TF_GROUNDTRUTH["labels"], strict=True)]
+    with torch.no_grad():
+        losses = model.loss_on_batch(batch, [(size, size)] * 2, targets)
+    classification, localization = TF_LOSSES[case]
+    assert losses["classification_loss"].item() == pytest.approx(classification, rel=1e-5)
+    assert losses["localization_loss"].item() == pytest.approx(localization, rel=1e-5)

@@ -518,12 +518,17 @@ class ODAPISSDDetector(nn.Module):
         """
         if len(images) != len(targets):
             raise ValueError(f"got {len(images)} images but {len(targets)} targets")
-        batch = self.preprocess(images)
+        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+        return self.loss_on_batch(self.preprocess(images), sizes, targets)
+
+    def loss_on_batch(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]],
+                      targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """`compute_loss` on an already preprocessed (N, 3, h, w) batch; `image_sizes` are the original images'
+        (height, width), in whose pixels the target boxes are."""
         codes, logits, _ = self.network(batch)
         cls_targets, cls_weights, reg_targets, reg_weights, matches = [], [], [], [], []
-        for i, (image, target) in enumerate(zip(images, targets, strict=True)):
+        for i, ((height, width), target) in enumerate(zip(image_sizes, targets, strict=True)):
             boxes, labels = _check_target(target, i, self.config.num_classes)
-            height, width = image.shape[-2:]
             norm = boxes.to(self.anchors) / boxes.new_tensor([width, height, width, height]).to(self.anchors)
             gt = norm[:, [1, 0, 3, 2]]  # (ymin, xmin, ymax, xmax)
             c, cw, r, rw, m = self._assign(gt, labels.to(self.anchors.device))
