@@ -281,12 +281,14 @@ def odapi_model_spec(
     model_kwargs: Mapping[str, Any] | None = None,
     *,
     depth_multiplier: float | None = None,
+    image_size: int | None = None,
 ) -> ModelSpec:
     """The spec of a detector fine-tuned from the OD-API model at `init_from` on a dataset with `categories`.
 
     The model is read here to record its pipeline config (with the dataset's number of classes and the
     post-processing overrides of `model_kwargs`, see `ODAPI_KWARGS`) and its anchor and clip orders; the builder
     reads the weights again from `init_from`. The class head is new when the number of classes differs (logged).
+    An `image_size` (the demo's square resize) other than the model's input size is worth a warning.
     """
     kwargs = dict(model_kwargs or {})
     unknown = sorted(set(kwargs) - set(ODAPI_KWARGS))
@@ -303,6 +305,12 @@ def odapi_model_spec(
     else:
         logger.info("--init-from %s: every weight imported, the class head included (%d classes, taken in the "
                     "dataset's category order)", init_from, num_classes)
+    height, width = model.image_size
+    if image_size is not None and (height, width) != (image_size, image_size):
+        # The data pipeline resizes to a square of image_size, then the detector to its fixed_shape_resizer size.
+        logger.warning("--image-size %d: images are resized to %dx%d, then by the detector to its %dx%d input; "
+                       "--image-size %d resizes once", image_size, image_size, image_size, height, width,
+                       height if height == width else max(height, width))
     spec_kwargs: dict[str, Any] = {
         "init_from": str(init_from),
         "pipeline": model.config.to_dict(),

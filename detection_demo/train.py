@@ -317,7 +317,7 @@ def _merge_resumed_config(config: TrainConfig, saved: dict[str, Any], given: Col
 def _model_spec(config: TrainConfig, categories: list[str], label_to_cat_id: dict[int, int]) -> ModelSpec:
     if config.init_from is not None:  # the architecture is the imported model's (models.odapi_model_spec)
         return odapi_model_spec(config.init_from, categories, label_to_cat_id, config.model_kwargs,
-                                depth_multiplier=config.depth_multiplier)
+                                depth_multiplier=config.depth_multiplier, image_size=config.image_size)
     weights_backbone = resolve_backbone_weights(config.weights_backbone, config.depth_multiplier)
     kwargs: dict[str, Any] = dict(config.model_kwargs)
     if weights_backbone is not None:

@@ -89,6 +89,14 @@ def test_same_number_of_classes_keeps_every_weight() -> None:
     assert "init_from" not in spec.for_inference().kwargs and rebuilt.config == model.config
 
 
+def test_an_image_size_other_than_the_model_input_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="detection_demo"):
+        odapi_model_spec(str(SSD), CATEGORY_NAMES, {}, image_size=128)
+        assert not caplog.records
+        odapi_model_spec(str(SSD), CATEGORY_NAMES, {}, image_size=256)
+    assert "its 128x128 input; --image-size 128 resizes once" in caplog.text
+
+
 def test_bad_settings_are_refused(data_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="give init_from"):
         TrainConfig(model="odapi").validate()
