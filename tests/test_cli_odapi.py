@@ -162,6 +162,9 @@ def test_detect_and_convert_errors_are_one_line(tarball: Path, tmp_path: Path, c
     assert err.count("\n") == 1 and "corrupt or truncated" in err and str(truncated) in err
     assert main(["detect", "--weights", str(tmp_path / "missing"), str(PHOTOS[0]), "--out", str(tmp_path / "o")]) == 1
     assert "weights not found" in capsys.readouterr().err
+    assert main(["detect", "--checkpoint", str(tarball), str(PHOTOS[0]), "--out", str(tmp_path / "o"),
+                 "--legacy-anchor-order"]) == 1
+    assert "are for OD-API models (--weights)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["detect", str(PHOTOS[0]), "--out", str(tmp_path / "o")])  # neither --weights nor --checkpoint
     assert exit_info.value.code == 2

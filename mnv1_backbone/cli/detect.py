@@ -54,6 +54,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.weights is not None:
         return run_detect(args)
+    if args.legacy_anchor_order or args.label_map:
+        raise CLIError("--legacy-anchor-order and --label-map are for OD-API models (--weights); a demo checkpoint "
+                       "holds its own settings and names")
     for item in args.images:  # fail on a bad image before building the detector; folders are expanded later
         if not Path(item).is_dir():
             read_image(item)
