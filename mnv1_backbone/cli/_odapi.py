@@ -151,7 +151,8 @@ def run_detect(args: argparse.Namespace) -> int:
     from torchvision.transforms.v2 import functional as F
 
     images = _collect_images(args.images)
-    pictures = [read_image(str(path)) for path in images]  # fail on a bad image before reading the model
+    for path in images:  # fail on a bad image before reading the model (not kept: a folder may be large)
+        read_image(str(path))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a folder")
@@ -160,8 +161,8 @@ def run_detect(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, list[dict[str, Any]]] = {}
     written: list[Path] = []
-    for path, picture in zip(images, pictures, strict=True):
-        image = F.pil_to_tensor(picture.convert("RGB"))
+    for path in images:
+        image = F.pil_to_tensor(read_image(str(path)).convert("RGB"))
         with torch.inference_mode():
             detection = model([F.to_dtype(image, torch.float32, scale=True).to(args.device)])[0]
         drawn, found = draw_detections(image, detection, model.id2label)
