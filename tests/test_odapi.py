@@ -674,3 +674,18 @@ def test_training_losses_match_tensorflow(case):
     classification, localization = TF_LOSSES[case]
     assert losses["classification_loss"].item() == pytest.approx(classification, rel=1e-5)
     assert losses["localization_loss"].item() == pytest.approx(localization, rel=1e-5)
+
+
+def test_graph_inference_fallbacks_for_older_exports():
+    from mnv1_backbone.convert.frozen_graph import read_graph_nodes
+    from mnv1_backbone.detection.odapi_graph import infer_config_from_graph
+
+    nodes = read_graph_nodes(_case_dir("ssd_k1_sigmoid") / "frozen_inference_graph.pb")
+    # Older OD-API code: an unnamed Postprocessor/Sigmoid and no score threshold inside the NMS.
+    older = [dataclasses.replace(n, name="Postprocessor/Sigmoid") if n.name == "Postprocessor/convert_scores" else n
+             for n in nodes if not n.name.endswith("non_max_suppression/score_threshold")]
+    with pytest.raises(PipelineConfigError, match="no NMS score_threshold constant; pass score_thresh="):
+        infer_config_from_graph(older, source="old.pb")
+    config, legacy = infer_config_from_graph(older, source="old.pb", fallback_score_threshold=0.5)
+    assert config.post_processing.score_converter == "SIGMOID" and config.post_processing.score_threshold == 0.5
+    assert not legacy

@@ -877,7 +877,8 @@ def _load_folder(path: Path, legacy: bool, clip_before_nms: bool | None,
             raise PipelineConfigError(f"{folder}: no pipeline.config beside the checkpoint {prefix}; a checkpoint "
                                       "alone does not say the image size, anchors or post-processing")
         graph_nodes = read_graph_nodes(graph)
-        config, graph_legacy = infer_config_from_graph(graph_nodes, source=str(graph))
+        config, graph_legacy = infer_config_from_graph(graph_nodes, source=str(graph),
+                                                       fallback_score_threshold=overrides.get("score_thresh"))
         warnings.warn(f"{graph}: no pipeline.config beside it; read the architecture, anchors (order: "
                       f"{'legacy' if graph_legacy else 'modern'}) and post-processing from the graph, and assumed "
                       f"{GRAPH_ASSUMPTIONS}", stacklevel=3)

@@ -56,8 +56,13 @@ def _natural(name: str) -> tuple[int, ...]:
     return (int(match.group(1)) + 1,) if match else (0,)
 
 
-def infer_config_from_graph(nodes: Sequence[Any], *, source: str) -> tuple[SSDPipelineConfig, bool]:
+def infer_config_from_graph(
+    nodes: Sequence[Any], *, source: str, fallback_score_threshold: float | None = None
+) -> tuple[SSDPipelineConfig, bool]:
     """(config, legacy_anchor_order) for a frozen OD-API ``ssd_mobilenet_v1`` graph; see the module docstring.
+
+    `fallback_score_threshold` (the caller's ``score_thresh``) stands in for a graph whose NMS has no score
+    threshold constant (OD-API code that filtered scores before NMS).
 
     Raises `PipelineConfigError` naming `source` and what could not be read.
     """
@@ -135,13 +140,24 @@ def infer_config_from_graph(nodes: Sequence[Any], *, source: str) -> tuple[SSDPi
                                   f"layer) does not match its box predictor ({per_location})")
     anchor_config, legacy = _anchor_config(specs, source)
 
-    converter = {"Sigmoid": "SIGMOID", "Softmax": "SOFTMAX", "Identity": "IDENTITY"}.get(
-        ops.get("Postprocessor/convert_scores", ""))
+    converters = {"Sigmoid": "SIGMOID", "Softmax": "SOFTMAX", "Identity": "IDENTITY"}
+    converter = converters.get(ops.get("Postprocessor/convert_scores", ""))
     if converter is None:
-        raise PipelineConfigError(f"{source}: cannot read the score converter (Postprocessor/convert_scores is "
-                                  f"{ops.get('Postprocessor/convert_scores')!r})")
+        # Code older than the named converter applied tf.sigmoid / tf.nn.softmax directly in the Postprocessor scope.
+        found = {op for name, op in ops.items() if name.count("/") == 1 and name.startswith("Postprocessor/")
+                 and op in ("Sigmoid", "Softmax")}
+        if len(found) != 1:
+            raise PipelineConfigError(f"{source}: cannot read the score converter (no Postprocessor/convert_scores, "
+                                      f"score ops found: {sorted(found)})")
+        converter = converters[found.pop()]
+    score_threshold = consts.get(f"{_NMS}/non_max_suppression/score_threshold")
+    if score_threshold is None:
+        if fallback_score_threshold is None:
+            raise PipelineConfigError(f"{source}: the graph has no NMS score_threshold constant; pass score_thresh= "
+                                      "or put the model's pipeline.config beside the graph")
+        score_threshold = fallback_score_threshold
     post = PostProcessingConfig(
-        score_threshold=float(need(f"{_NMS}/non_max_suppression/score_threshold", "the NMS score threshold")),
+        score_threshold=float(score_threshold),
         iou_threshold=float(need(f"{_NMS}/non_max_suppression/iou_threshold", "the NMS IoU threshold")),
         max_detections_per_class=int(need(f"{_NMS}/Minimum/x", "the per-class maximum")),
         max_total_detections=int(need(f"{_NMS}/Minimum_{num_classes}/x", "the total maximum")),
