@@ -185,6 +185,7 @@ def build_network(config: SSDPipelineConfig, *, legacy_anchor_order: bool = Fals
             predictor_batch_norm_center=php.batch_norm_center,
             predictor_batch_norm_scale=php.batch_norm_scale,
             predictor_activation=php.activation,
+            predictor_dropout=1.0 - bp.dropout_keep_probability if bp.use_dropout else 0.0,
             class_prediction_bias_init=bp.class_prediction_bias_init,
         )
     from .odapi_fpn import build_fpn_ssd_network
@@ -218,6 +219,8 @@ def build_network(config: SSDPipelineConfig, *, legacy_anchor_order: bool = Fals
         predictor_batch_norm_eps=php.batch_norm_epsilon,
         predictor_batch_norm_scale=php.batch_norm_scale,
         predictor_share_tower=bp.share_prediction_tower,
+        predictor_use_dropout=bp.use_dropout,
+        predictor_dropout_keep_probability=bp.dropout_keep_probability,
         class_prediction_bias_init=bp.class_prediction_bias_init,
         num_anchors_per_location=_num_anchors_per_location(config, legacy_anchor_order)[0],
     )

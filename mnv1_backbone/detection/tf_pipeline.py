@@ -411,6 +411,8 @@ class BoxPredictorConfig:
     use_depthwise: bool = False
     class_prediction_bias_init: float = 0.0
     share_prediction_tower: bool = False
+    use_dropout: bool = False  # training only: dropout before the class head
+    dropout_keep_probability: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -672,6 +674,8 @@ def _box_predictor(ssd: TextMessage) -> BoxPredictorConfig:
             max_depth=_get(msg, "max_depth", int, 0),
             use_depthwise=_get(msg, "use_depthwise", bool, False),
             class_prediction_bias_init=_get(msg, "class_prediction_bias_init", float, 0.0),
+            use_dropout=_get(msg, "use_dropout", bool, True),
+            dropout_keep_probability=_keep_probability(msg),
         )
     converter = _enum(msg, "score_converter", ("IDENTITY", "SIGMOID"), "IDENTITY")
     if converter != "IDENTITY":
@@ -686,7 +690,16 @@ def _box_predictor(ssd: TextMessage) -> BoxPredictorConfig:
         depth=_get(msg, "depth", int, 0),
         class_prediction_bias_init=_get(msg, "class_prediction_bias_init", float, 0.0),
         share_prediction_tower=_get(msg, "share_prediction_tower", bool, False),
+        use_dropout=_get(msg, "use_dropout", bool, False),
+        dropout_keep_probability=_keep_probability(msg),
     )
+
+
+def _keep_probability(msg: TextMessage) -> float:
+    keep = _get(msg, "dropout_keep_probability", float, 0.8)
+    if not 0.0 < keep <= 1.0:
+        raise PipelineConfigError(f"{msg.child_path('dropout_keep_probability')}: {keep} outside (0, 1]")
+    return keep
 
 
 def _anchor_generator(ssd: TextMessage) -> AnchorGeneratorConfig:
