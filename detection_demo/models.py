@@ -50,6 +50,7 @@ __all__ = [
     "build_model",
     "default_backbone_weights",
     "load_odapi_detector",
+    "fit_class_head",
     "load_trained_model",
     "odapi_model_spec",
     "odapi_ssd_mobilenet_v1",
@@ -103,6 +104,48 @@ def load_odapi_detector(
                                               clip_before_nms=clip_before_nms, **overrides)
 
 
+def _class_head_keys(model: ODAPISSDDetector) -> set[str]:
+    """The network's state-dict keys whose first dimension is anchors x (classes + 1): those whose shape changes
+    with the number of classes (networks built on the meta device: shapes only, no memory)."""
+    config = model.config
+    with torch.device("meta"):
+        one = build_network(config, legacy_anchor_order=model.legacy_anchor_order).state_dict()
+        more = build_network(dataclasses.replace(config, num_classes=config.num_classes + 1),
+                             legacy_anchor_order=model.legacy_anchor_order).state_dict()
+    return {key for key in one if one[key].shape != more[key].shape}
+
+
+def fit_class_head(model: ODAPISSDDetector, num_classes: int, class_map: Mapping[int, int]) -> None:
+    """Give an imported `model` a class head for `num_classes` classes (background not counted).
+
+    Without `class_map`: the head is kept when the count is the same, else new (randomly initialised). With it:
+    a new head whose background and whose class k (for each k -> m in `class_map`) start from the imported
+    background and class m, so that classes the model already knows keep their scores; the others start new.
+    The OD-API lays out a class predictor's outputs as (anchor, class) (``class_predictions_with_background``
+    reshapes them to (N, H*W*A, C + 1)), so class m of anchor a is output a * (C + 1) + m.
+    """
+    if not class_map:
+        if num_classes != model.num_classes:
+            model.reset_class_head(num_classes)
+        return
+    bad = {k: m for k, m in class_map.items() if not (1 <= k <= num_classes and 1 <= m <= model.num_classes)}
+    if bad:
+        raise ValueError(f"class_map {bad}: classes must be in [1, {num_classes}] and imported classes in "
+                         f"[1, {model.num_classes}]")
+    keys = _class_head_keys(model)
+    old_slots = model.num_classes + 1
+    old = {key: value.detach().clone() for key, value in model.network.state_dict().items() if key in keys}
+    model.reset_class_head(num_classes)
+    new = model.network.state_dict()
+    with torch.no_grad():
+        for key in keys:
+            source = old[key].reshape(-1, old_slots, *old[key].shape[1:])
+            target = new[key].view(source.shape[0], num_classes + 1, *new[key].shape[1:])
+            target[:, 0] = source[:, 0]
+            for k, m in class_map.items():
+                target[:, k] = source[:, m]
+
+
 def odapi_ssd_mobilenet_v1(
     *,
     num_classes: int,
@@ -110,6 +153,7 @@ def odapi_ssd_mobilenet_v1(
     legacy_anchor_order: bool = False,
     clip_before_nms: bool = False,
     init_from: str | None = None,
+    class_map: Mapping[str, int] | None = None,
     depth_multiplier: float | None = None,
     freeze_batch_norm_statistics: bool = True,
 ) -> ODAPISSDDetector:
@@ -120,6 +164,8 @@ def odapi_ssd_mobilenet_v1(
             gets ``num_classes - 1`` classes, its 1-based labels being the dataset's contiguous labels.
         pipeline: the typed pipeline config, with that number of classes and the post-processing overrides.
         init_from: the imported model's path; without it the weights are random (a checkpoint restores them).
+        class_map: class k (a string key, as JSON has it) -> the imported class whose class-head rows it starts
+            from (`odapi_model_spec` matches the names); see `fit_class_head`.
         depth_multiplier: only checked against the config (the demo records every model's width).
         freeze_batch_norm_statistics: `ODAPISSDDetector`'s attribute (BatchNorm statistics fixed in training).
     """
@@ -132,8 +178,9 @@ def odapi_ssd_mobilenet_v1(
         raise ValueError(f"depth_multiplier {depth_multiplier:g} differs from the imported model's {width:g}; "
                          "leave --depth-multiplier out with --init-from")
     if init_from is not None:
-        model = load_odapi_detector(init_from, num_classes=config.num_classes,
-                                    legacy_anchor_order=legacy_anchor_order, clip_before_nms=clip_before_nms)
+        model = load_odapi_detector(init_from, legacy_anchor_order=legacy_anchor_order,
+                                    clip_before_nms=clip_before_nms)
+        fit_class_head(model, config.num_classes, {int(k): int(v) for k, v in (class_map or {}).items()})
         imported = dataclasses.replace(model.config, post_processing=config.post_processing)
         if imported != config or model.legacy_anchor_order != legacy_anchor_order:
             raise ValueError(f"{init_from} no longer holds the model this run was started from (its pipeline "
@@ -287,7 +334,9 @@ def odapi_model_spec(
 
     The model is read here to record its pipeline config (with the dataset's number of classes and the
     post-processing overrides of `model_kwargs`, see `ODAPI_KWARGS`) and its anchor and clip orders; the builder
-    reads the weights again from `init_from`. The class head is new when the number of classes differs (logged).
+    reads the weights again from `init_from`. Dataset categories named as one of the model's classes (its label map,
+    case-insensitive: COCO's names for the COCO models) start from that class (`fit_class_head`); without any such
+    name the class head is new when the number of classes differs, kept otherwise (logged).
     An `image_size` (the demo's square resize) other than the model's input size is worth a warning.
     """
     kwargs = dict(model_kwargs or {})
@@ -298,13 +347,23 @@ def odapi_model_spec(
     num_classes = len(categories) - 1
     freeze = bool(kwargs.pop("freeze_batch_norm_statistics", True))
     model = load_odapi_detector(init_from, **kwargs)
-    if model.num_classes != num_classes:
+    known: dict[str, int] = {}
+    for ident, name in sorted(model.id2label.items()):
+        if name.strip().lower() not in ("n/a", ""):
+            known.setdefault(name.strip().lower(), ident)
+    class_map = {k: known[name.strip().lower()] for k, name in enumerate(categories[1:], 1)
+                 if name.strip().lower() in known}
+    if class_map:
+        logger.info("--init-from %s: feature extractor and box head imported; %d of %d categories start from the "
+                    "imported class of the same name (%s), the others from a new class head", init_from,
+                    len(class_map), num_classes, ", ".join(categories[k] for k in class_map))
+    elif model.num_classes != num_classes:
         logger.info("--init-from %s: feature extractor and box head imported; new class head for %d classes (the "
                     "model has %d)", init_from, num_classes, model.num_classes)
-        model.reset_class_head(num_classes)
     else:
         logger.info("--init-from %s: every weight imported, the class head included (%d classes, taken in the "
                     "dataset's category order)", init_from, num_classes)
+    fit_class_head(model, num_classes, class_map)
     height, width = model.image_size
     if image_size is not None and (height, width) != (image_size, image_size):
         # The data pipeline resizes to a square of image_size, then the detector to its fixed_shape_resizer size.
@@ -316,6 +375,7 @@ def odapi_model_spec(
         "pipeline": model.config.to_dict(),
         "legacy_anchor_order": model.legacy_anchor_order,
         "clip_before_nms": model.clip_before_nms,
+        "class_map": {str(k): m for k, m in class_map.items()},
         "freeze_batch_norm_statistics": freeze,
     }
     if depth_multiplier is not None:

@@ -9,12 +9,15 @@ drawn, checkpointed, resumed and rebuilt from `model.safetensors` without the TF
 from __future__ import annotations
 
 import math
+import shutil
 import tarfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from detection_demo import checkpoint as checkpoint_io
 from detection_demo.__main__ import main
@@ -35,6 +38,7 @@ FPN = FIXTURES / "fpn_shared"  # 3 classes, sigmoid focal loss
 TINY = {"image_size": 128, "batch_size": 4, "workers": 0, "progress": False, "threads": 1, "augment": False,
         "warmup_epochs": 0.0, "lr": 1e-3, "model_kwargs": {"score_thresh": 0.01}}
 CATEGORY_NAMES = ["__background__", *CATEGORIES]
+PHOTO = Path(__file__).parent / "data" / "coffee.png"
 
 
 @pytest.fixture(autouse=True)
@@ -87,6 +91,33 @@ def test_same_number_of_classes_keeps_every_weight() -> None:
     assert model.config.post_processing == imported.config.post_processing
     rebuilt = build_model(spec.for_inference())
     assert "init_from" not in spec.for_inference().kwargs and rebuilt.config == model.config
+
+
+@pytest.mark.parametrize("folder", [SSD, FPN], ids=["ssd", "fpn"])
+def test_categories_named_like_imported_classes_keep_their_scores(folder: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for file in folder.iterdir():
+        if file.name != "reference.npz":
+            shutil.copy(file, model_dir)
+    names = ["cat", "cup", "saucer", "spoon"]
+    (model_dir / "label_map.pbtxt").write_text("".join(f'item {{ id: {i} name: "{name}" }}\n'
+                                                        for i, name in enumerate(names, 1)))
+    imported = from_tf_object_detection(model_dir)
+    # Category 2 is the model's class 3, category 3 its class 1 (names match case-insensitively); "zebra" is new.
+    categories = ["__background__", "zebra", "Saucer", "cat"]
+    torch.manual_seed(0)
+    spec = odapi_model_spec(str(model_dir), categories, {1: 11, 2: 12, 3: 13})
+    assert spec.kwargs["class_map"] == {"2": 3, "3": 1}
+    model = build_model(spec).eval()
+    image = torch.from_numpy(np.array(Image.open(PHOTO).convert("RGB"))).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        old_codes, old_logits = imported.predict_raw([image])
+        codes, logits = model.predict_raw([image])
+    assert logits.shape[-1] == 4 and torch.equal(codes, old_codes)
+    # Same logits as the import for the background and the two known classes, at every anchor.
+    assert torch.equal(logits[..., [0, 2, 3]], old_logits[..., [0, 3, 1]])
+    assert not torch.allclose(logits[..., 1], old_logits[..., 2], atol=1e-3)  # zebra starts from a new head
 
 
 def test_an_image_size_other_than_the_model_input_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
