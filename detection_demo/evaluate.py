@@ -158,11 +158,17 @@ def evaluate_model(
 def format_metrics(metrics: Mapping[str, Any]) -> str:
     """The 12 COCO numbers as COCOeval prints them, then a per-category AP / AP50 table."""
     lines = [f" {_STAT_DESCRIPTIONS[name]} = {metrics[name]:6.3f}   ({name})" for name in COCO_STAT_NAMES]
+    if "VOC_AP50" in metrics:
+        lines.append(f" Pascal VOC mAP @[ IoU=0.50 ] (area under the precision envelope) = {metrics['VOC_AP50']:6.3f}"
+                     "   (VOC_AP50)")
     per_category = metrics.get("per_category", {})
     if per_category:
         width = max(len("category"), *(len(name) for name in per_category))
-        lines += ["", f" {'category':<{width}}  {'AP':>6}  {'AP50':>6}", " " + "-" * (width + 16)]
-        lines += [f" {name:<{width}}  {value['AP']:6.3f}  {value['AP50']:6.3f}" for name, value in per_category.items()]
+        voc = all("VOC_AP50" in value for value in per_category.values())
+        lines += ["", f" {'category':<{width}}  {'AP':>6}  {'AP50':>6}" + ("  VOC AP50" if voc else ""),
+                  " " + "-" * (width + (26 if voc else 16))]
+        lines += [f" {name:<{width}}  {value['AP']:6.3f}  {value['AP50']:6.3f}"
+                  + (f"  {value['VOC_AP50']:8.3f}" if voc else "") for name, value in per_category.items()]
     return "\n".join(lines)
 
 

@@ -527,9 +527,12 @@ def _train(config: TrainConfig, given: Collection[str] | None, context: Distribu
             epoch_record = {"epoch": epoch, "step": global_step, "loss": epoch_loss / max(steps_per_epoch, 1),
                             "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start,
                             "cpu_seconds": time.process_time() - epoch_cpu}
+            if config.skip_bad_images:  # images that passed the scan but failed to decode, over all ranks so far
+                epoch_record["skipped_images"] = int(all_reduce_sum(context, [float(train_set.skipped_images)])[0])
             history["epochs"].append(epoch_record)
-            logger.info("epoch %d/%d: mean loss %.4f in %.0f s", epoch, config.epochs, epoch_record["loss"],
-                        epoch_record["seconds"])
+            logger.info("epoch %d/%d: mean loss %.4f in %.0f s%s", epoch, config.epochs, epoch_record["loss"],
+                        epoch_record["seconds"], f"; {epoch_record['skipped_images']} undecodable images skipped so far"
+                        if epoch_record.get("skipped_images") else "")
             evaluated = val_set is not None and (epoch % config.eval_interval == 0 or epoch == config.epochs)
             if evaluated:
                 metrics = evaluate_model(model_without_ddp, val_set, spec.label_to_cat_id, device=device,

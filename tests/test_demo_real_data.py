@@ -434,3 +434,19 @@ def test_skipping_every_image_of_a_split_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(BadImageError, match=r"instances_val\.json: none of its 1 images can be used, e.g. .*001\.jpg: "
                                             "missing"):
         check_images([open_split(paths, "train"), open_split(paths, "val")], skip_bad_images=True)
+
+
+def test_train_counts_images_that_fail_after_the_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files that break after the scan are skipped with --skip-bad-images and counted in history.json."""
+    import detection_demo.train as train_module
+
+    root = _coco_root(tmp_path / "data")
+    monkeypatch.setattr(train_module, "check_images", lambda *args, **kwargs: 0)  # as if they broke after it
+    (root / "train" / "002.jpg").unlink()
+    _truncate(root / "train" / "004.jpg")
+    # Batches of 3 keep at least 2 images each: SSDLite's BatchNorm on 1x1 maps cannot train on one image.
+    code = main(["train", "--data-root", str(root), "--output", str(tmp_path / "run"), "--skip-bad-images",
+                 *TINY_FLAGS, "--batch-size", "3"])
+    assert code == 0
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert history["epochs"][-1]["skipped_images"] == 2
