@@ -236,30 +236,63 @@ class MobileNetV1Backbone(nn.Module):
         """Load the trunk of a classifier checkpoint: an HF directory or Hub id, or our `.safetensors` file.
 
         Keyword arguments are backbone options (`output_stride`, `frozen_stages`, `norm_eval`, ...);
-        the architecture (width, padding, ...) comes from the checkpoint's config.
+        the architecture (width, padding, ...) comes from the checkpoint's config. Returns the backbone in eval
+        mode, as transformers' loaders do; call `.train()` to fine-tune.
         """
         from .weights import load_checkpoint
 
         config, state_dict = load_checkpoint(path)
-        return cls._from_state_dict(config, state_dict, out_indices, source=str(path), **kwargs)
+        return cls.from_state_dict(config, state_dict, out_indices, source=str(path), **kwargs)
 
     @classmethod
     def from_tf(
-        cls, path: str | os.PathLike, out_indices: Sequence[int] = (5, 11, 13), *, prefer_ema: bool = True, **kwargs
-    ):
-        """Load the trunk from Google's TF release files, without TensorFlow.
+        cls,
+        path: str | os.PathLike,
+        out_indices: Sequence[int] = (5, 11, 13),
+        *,
+        prefer_ema: bool = True,
+        tf_padding: bool = True,
+        **kwargs,
+    ) -> MobileNetV1Backbone:
+        """Load the trunk from Google's TF release files, without TensorFlow, in eval mode.
 
         `path` is a checkpoint prefix (`dir/mobilenet_v1_1.0_224.ckpt`), a frozen `.pb` GraphDef, or a release
         archive `mobilenet_v1_<alpha>_<res>[_quant].tgz` (checkpoint preferred). `prefer_ema=False` loads the raw
-        variables instead of their ExponentialMovingAverage shadows; the logits layer is dropped.
+        variables instead of their ExponentialMovingAverage shadows; the logits layer is dropped. `tf_padding=False`
+        for checkpoints trained with TF-slim's `use_explicit_padding=True` (a checkpoint does not record it).
         """
         from .weights import load_tf
 
-        config, state_dict = load_tf(path, prefer_ema=prefer_ema)
-        return cls._from_state_dict(config, state_dict, out_indices, source=str(path), **kwargs)
+        config, state_dict = load_tf(path, prefer_ema=prefer_ema, tf_padding=tf_padding)
+        return cls.from_state_dict(config, state_dict, out_indices, source=str(path), **kwargs)
 
     @classmethod
-    def _from_state_dict(cls, config, state_dict, out_indices, *, source: str, **kwargs) -> MobileNetV1Backbone:
+    def from_timm(
+        cls, source: nn.Module | dict[str, Tensor] | str | os.PathLike, out_indices: Sequence[int] = (5, 11, 13),
+        **kwargs,
+    ) -> MobileNetV1Backbone:
+        """Load the trunk of timm's MobileNetV1 (a timm model, its state dict, a file, or a `"timm/<name>"` Hub id
+        fetched only then), in eval mode: symmetric padding, BatchNorm eps 1e-5; the classifier is dropped."""
+        from .weights import load_timm
+
+        if isinstance(source, nn.Module):
+            source = source.state_dict()
+        weights = load_timm(source)
+        name = "timm state dict" if isinstance(source, dict) else str(source)
+        return cls.from_state_dict(weights.config, weights.state_dict, out_indices, source=name, **kwargs)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: MobileNetV1Config,
+        state_dict: dict[str, Tensor],
+        out_indices: Sequence[int] = (5, 11, 13),
+        *,
+        source: str = "state dict",
+        **kwargs,
+    ) -> MobileNetV1Backbone:
+        """The backbone of `config` with a classifier's or bare model's `state_dict` loaded strictly, in eval mode;
+        keyword arguments are backbone options (not the architecture, which is the config's)."""
         from .weights import load_state_dict_strict
 
         _reject_architecture_kwargs(kwargs)
@@ -267,7 +300,7 @@ class MobileNetV1Backbone(nn.Module):
         model = cls.from_config(config, out_indices, **kwargs)
         trunk = trunk_state_dict(state_dict, num_layers=len(model.layer))
         load_state_dict_strict(model, trunk, source=source)
-        return model.freeze(frozen_stages)
+        return model.freeze(frozen_stages).eval()
 
     def load_trunk(self, state_dict: dict[str, Tensor], source: str = "state dict") -> None:
         """Load a classifier's or bare model's state dict (HF keys) into this backbone, strictly."""

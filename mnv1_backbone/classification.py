@@ -8,7 +8,7 @@ of `MobileNetV1Config`.
 """
 
 import os
-from typing import List, NamedTuple, Optional  # noqa: UP035 (TorchScript reads NamedTuple fields only so)
+from typing import Any, List, NamedTuple, Optional  # noqa: UP035 (TorchScript reads NamedTuple fields only so)
 
 import torch
 import torch.fx
@@ -22,7 +22,13 @@ from .layers import build_trunk, check_input, init_weights
 # fx patches wrapped functions per module: keep the input check one opaque call when traced.
 torch.fx.wrap("check_input")
 
-__all__ = ["MobileNetV1ForImageClassification", "MobileNetV1Model", "ModelOutput", "ClassifierOutput"]
+__all__ = [
+    "ClassifierOutput",
+    "MobileNetV1ForImageClassification",
+    "MobileNetV1Model",
+    "ModelOutput",
+    "timm_image_processor",
+]
 
 
 class ModelOutput(NamedTuple):
@@ -105,6 +111,13 @@ class MobileNetV1Model(nn.Module):
                 pooled = torch.flatten(pooled, 1)
         return ModelOutput(x, pooled, hidden_states if output_hidden_states else None)
 
+    def __call__(self, *args: Any, return_dict: bool | None = None, **kwargs: Any) -> Any:
+        """As `nn.Module.__call__`; `return_dict=False` gives transformers' plain tuple (last_hidden_state,
+        pooler_output[, hidden_states]). Kept out of `forward` so that TorchScript and torch.export see one
+        output type."""
+        output = super().__call__(*args, **kwargs)
+        return output if return_dict is None or return_dict else _hf_tuple(output[:3])
+
 
 class MobileNetV1ForImageClassification(nn.Module):
     """MobileNetV1 with a dropout + linear classifier, as Hugging Face's model of the same name.
@@ -146,47 +159,101 @@ class MobileNetV1ForImageClassification(nn.Module):
             loss = F.cross_entropy(logits, labels)
         return ClassifierOutput(logits, pooled, outputs.last_hidden_state, outputs.hidden_states, loss)
 
+    def __call__(self, *args: Any, return_dict: bool | None = None, **kwargs: Any) -> Any:
+        """As `nn.Module.__call__`; `return_dict=False` gives transformers' plain tuple in its order:
+        ([loss,] logits[, hidden_states]). Kept out of `forward` so that TorchScript and torch.export see one
+        output type."""
+        output = super().__call__(*args, **kwargs)
+        if return_dict is None or return_dict:
+            return output
+        return _hf_tuple((output.loss, output.logits, output.hidden_states))
+
     # --- weights ---------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **config_overrides) -> "MobileNetV1ForImageClassification":
         """Load an HF-format directory (`config.json` + `model.safetensors` or `pytorch_model.bin`), our
         `.safetensors` file, or a Hub id (through huggingface_hub, when installed). Strict: missing,
-        unexpected or wrongly shaped tensors raise `StateDictMismatchError` listing them."""
-        from .weights import load_checkpoint, load_state_dict_strict
+        unexpected or wrongly shaped tensors raise `StateDictMismatchError` listing them.
+
+        Returns the model in eval mode, as transformers does (BatchNorm uses its running statistics, dropout is
+        off); call `.train()` to fine-tune. A directory's `preprocessor_config.json`, when present, becomes
+        `model.image_processor`."""
+        from .image_processing import PREPROCESSOR_CONFIG_NAME, MobileNetV1ImageProcessor
+        from .weights import load_checkpoint
 
         config, state_dict = load_checkpoint(path)
-        config = _override(config, config_overrides)
-        model = cls(config)
-        load_state_dict_strict(model, _with_prefix(state_dict), source=str(path))
+        model = cls.from_state_dict(_override(config, config_overrides), _with_prefix(state_dict), source=str(path))
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, PREPROCESSOR_CONFIG_NAME)):
+            model.image_processor = MobileNetV1ImageProcessor.from_pretrained(path)
         return model
 
     @classmethod
     def from_tf(
-        cls, path: str | os.PathLike, *, prefer_ema: bool = True, **config_overrides
+        cls, path: str | os.PathLike, *, prefer_ema: bool = True, tf_padding: bool = True, **config_overrides
     ) -> "MobileNetV1ForImageClassification":
-        """Load Google's TF release weights without TensorFlow.
+        """Load Google's TF release weights without TensorFlow, in eval mode (as `from_pretrained`).
 
         `path` is a checkpoint prefix (`dir/mobilenet_v1_1.0_224.ckpt`), a frozen `.pb` GraphDef, or a release
         archive `mobilenet_v1_<alpha>_<res>[_quant].tgz` (checkpoint preferred, frozen graph as fallback). The
         config is inferred from the tensor shapes. `prefer_ema=False` loads the raw variables instead of their
-        ExponentialMovingAverage shadows. Quantized (`_quant`) releases load as the float model; their FakeQuant
-        ranges come from `mnv1_backbone.convert.read_fake_quant_ranges(path)`. Raises `WeightsFormatError` naming
-        the file and tensor for corrupt, truncated or unsupported files.
+        ExponentialMovingAverage shadows. A checkpoint does not record its padding: Google's releases use TF's
+        SAME padding (`tf_padding=True`); pass `tf_padding=False` for checkpoints trained with TF-slim's
+        `use_explicit_padding=True` (symmetric padding, then VALID convolutions). Quantized (`_quant`) releases
+        load as the float model; their FakeQuant ranges come from
+        `mnv1_backbone.convert.read_fake_quant_ranges(path)`. Raises `WeightsFormatError` naming the file and
+        tensor for corrupt, truncated or unsupported files.
         """
-        from .weights import load_state_dict_strict, load_tf
+        from .weights import load_tf
 
-        config, state_dict = load_tf(path, prefer_ema=prefer_ema)
-        config = _override(config, config_overrides)
-        model = cls(config)
-        load_state_dict_strict(model, state_dict, source=str(path))
+        config, state_dict = load_tf(path, prefer_ema=prefer_ema, tf_padding=tf_padding)
+        return cls.from_state_dict(_override(config, config_overrides), state_dict, source=str(path))
+
+    @classmethod
+    def from_timm(
+        cls, source: "nn.Module | dict[str, Tensor] | str | os.PathLike", **config_overrides
+    ) -> "MobileNetV1ForImageClassification":
+        """Load timm's MobileNetV1 (`mobilenetv1_100`, `mobilenetv1_125`), in eval mode.
+
+        `source` is a timm model (e.g. `timm.create_model("mobilenetv1_100", pretrained=True)`), its state dict,
+        a file holding one (`.safetensors`, `.pth`), or a Hub id `"timm/mobilenetv1_100.ra4_e3600_r224_in1k"`
+        (downloaded only then; a clear error offline). The config: symmetric padding, BatchNorm eps 1e-5, 1000
+        ImageNet labels with names and no background class. `model.image_processor` holds timm's evaluation
+        preprocessing (bicubic resize to input_size / crop_pct, center crop, mean = std = 0.5), which
+        `save_pretrained` writes as `preprocessor_config.json`.
+        """
+        from .weights import load_timm
+
+        pretrained_cfg = None
+        if isinstance(source, nn.Module):
+            pretrained_cfg = getattr(source, "pretrained_cfg", None)
+            source = source.state_dict()
+        weights = load_timm(source, pretrained_cfg=pretrained_cfg)
+        name = "timm state dict" if isinstance(source, dict) else str(source)
+        model = cls.from_state_dict(_override(weights.config, config_overrides), weights.state_dict, source=name)
+        model.image_processor = timm_image_processor(weights.preprocessing)
         return model
 
+    @classmethod
+    def from_state_dict(
+        cls, config: MobileNetV1Config, state_dict: dict[str, Tensor], *, source: str = "state dict"
+    ) -> "MobileNetV1ForImageClassification":
+        """The model of `config` with `state_dict` loaded strictly, in eval mode: what every loader returns."""
+        from .weights import load_state_dict_strict
+
+        model = cls(config)
+        load_state_dict_strict(model, state_dict, source=source)
+        return model.eval()
+
     def save_pretrained(self, directory: str | os.PathLike, *, safe_serialization: bool = True) -> None:
-        """Write `config.json` and `model.safetensors` (or `pytorch_model.bin`) that transformers loads."""
+        """Write `config.json` and `model.safetensors` (or `pytorch_model.bin`) that transformers loads, and
+        `preprocessor_config.json` when the model carries an `image_processor` (as `from_timm` sets)."""
         from .weights import save_checkpoint
 
         save_checkpoint(self, directory, safe_serialization=safe_serialization)
+        processor = getattr(self, "image_processor", None)
+        if processor is not None:
+            processor.save_pretrained(directory)
 
 
 def _with_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -194,6 +261,29 @@ def _with_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     if any(key.startswith("mobilenet_v1.") for key in state_dict):
         return state_dict
     return {(k if k.startswith("classifier.") else f"mobilenet_v1.{k}"): v for k, v in state_dict.items()}
+
+
+def _hf_tuple(values: tuple) -> tuple:
+    """transformers' `return_dict=False` output: the values that are set, hidden states as a tuple."""
+    return tuple(tuple(v) if isinstance(v, list) else v for v in values if v is not None)
+
+
+def timm_image_processor(settings: dict) -> Any:
+    """`MobileNetV1ImageProcessor` with timm's evaluation settings: resize the short side to
+    int(input_size / crop_pct) (timm's `scale_size`), center crop input_size, normalise with mean and std."""
+    import math
+
+    from .image_processing import MobileNetV1ImageProcessor
+
+    size = int(settings["input_size"])
+    resample = {"nearest": 0, "bilinear": 2, "bicubic": 3}.get(str(settings["interpolation"]), 3)
+    return MobileNetV1ImageProcessor(
+        size={"shortest_edge": math.floor(size / float(settings["crop_pct"]))},
+        resample=resample,
+        crop_size={"height": size, "width": size},
+        image_mean=list(settings["mean"]),
+        image_std=list(settings["std"]),
+    )
 
 
 def _override(config: MobileNetV1Config, overrides: dict) -> MobileNetV1Config:

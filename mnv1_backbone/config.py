@@ -110,6 +110,15 @@ def plan_layers(
     return plans
 
 
+def _default_id2label(num_labels: int) -> dict[int, str]:
+    """The shipped ImageNet labels for Google's 1001 classes; "LABEL_i" otherwise, as transformers names them."""
+    if num_labels == 1001:
+        from .labels import imagenet_id2label
+
+        return imagenet_id2label()
+    return {i: f"LABEL_{i}" for i in range(num_labels)}
+
+
 @dataclass
 class MobileNetV1Config:
     """Hyper-parameters of a MobileNetV1, with Hugging Face's `config.json` names and defaults.
@@ -136,7 +145,7 @@ class MobileNetV1Config:
     initializer_range: float = 0.02
     layer_norm_eps: float = 0.001
     num_labels: int = 1001
-    id2label: dict[int, str] | None = None
+    id2label: dict[int, str] | None = field(default=None, repr=False)
     batch_norm_momentum: float = 1.0 - 0.9997
     pooling: str = "global"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -147,6 +156,17 @@ class MobileNetV1Config:
             if self.num_labels != len(self.id2label):
                 self.num_labels = len(self.id2label)
         self.validate()
+        # Always a plain dict, as in transformers (`config.id2label[index]` works on any config, and is the same
+        # before and after a save): the shipped ImageNet names for 1001 labels, "LABEL_i" otherwise.
+        if self.id2label is None:
+            self.id2label = _default_id2label(self.num_labels)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # As transformers' `num_labels` setter: a new label count gets default names unless the names still fit.
+        if name == "num_labels" and isinstance(getattr(self, "id2label", None), dict):
+            if isinstance(value, int) and len(self.id2label) != value:
+                super().__setattr__("id2label", _default_id2label(value))
 
     def validate(self) -> None:
         """Raise `ValueError` naming the first field whose value a MobileNetV1 cannot be built with."""
@@ -183,17 +203,14 @@ class MobileNetV1Config:
 
     @property
     def label2id(self) -> dict[str, int]:
+        """`{label: index}`, the inverse of `id2label` (a plain dict, as transformers' `label2id`)."""
         return {label: i for i, label in self.resolved_id2label().items()}
 
     def resolved_id2label(self) -> dict[int, str]:
-        """`id2label` if set; the shipped ImageNet labels for 1001 classes; else "LABEL_i" as HF writes."""
-        if self.id2label is not None:
-            return dict(self.id2label)
-        if self.num_labels == 1001:
-            from .labels import imagenet_id2label
-
-            return imagenet_id2label()
-        return {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        """A copy of `id2label` (kept for callers from before `id2label` was always set)."""
+        if self.id2label is None:  # only if a caller set it to None after construction
+            return _default_id2label(self.num_labels)
+        return dict(self.id2label)
 
     def channels(self, block: int) -> int:
         """Output channels of block `block` (0 = stem) at this width."""

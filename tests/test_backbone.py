@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +285,30 @@ def test_from_pretrained_rejects_architecture_overrides(tmp_path) -> None:
     hf_classifier(0.25).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="depth_multiplier"):
         MobileNetV1Backbone.from_pretrained(tmp_path, depth_multiplier=0.5)
+
+
+# --- issue 14: loaders return eval models; TF checkpoints with explicit padding --------------------------------
+TF_CHECKPOINT = Path(__file__).parent / "fixtures" / "tf_slim" / "mobilenet_v1_0.25_128.ckpt"
+
+
+def test_backbone_loaders_return_eval_models(tmp_path) -> None:
+    from mnv1_backbone import MobileNetV1Config, MobileNetV1ForImageClassification
+
+    assert MobileNetV1Backbone(depth_multiplier=0.25).training
+    MobileNetV1ForImageClassification(MobileNetV1Config(depth_multiplier=0.25)).save_pretrained(tmp_path)
+    for backbone in (MobileNetV1Backbone.from_pretrained(tmp_path), MobileNetV1Backbone.from_tf(TF_CHECKPOINT)):
+        assert not any(module.training for module in backbone.modules())
+
+
+def test_backbone_from_tf_accepts_explicit_padding() -> None:
+    explicit = MobileNetV1Backbone.from_tf(TF_CHECKPOINT, out_indices=(13,), tf_padding=False)
+    same = MobileNetV1Backbone.from_tf(TF_CHECKPOINT, out_indices=(13,))
+    assert explicit.config.tf_padding is False and same.config.tf_padding is True
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (explicit(x)["Conv2d_13_pointwise"] - same(x)["Conv2d_13_pointwise"]).abs().max() > 1e-3
+    from mnv1_backbone.weights import load_tf
+
+    config, state_dict = load_tf(TF_CHECKPOINT)
+    with pytest.raises(ValueError, match="tf_padding"):  # a config records its padding: only TF files take it
+        MobileNetV1Backbone.from_state_dict(config, state_dict, tf_padding=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import hf_classifier, ours_like, randomize
@@ -124,3 +126,78 @@ def test_torchscript_classifier_matches_eager() -> None:
     x = torch.randn(1, 3, 97, 131)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x).logits, model(x).logits, atol=1e-6, rtol=0)
+
+
+# --- issue 14: loaders as transformers' (eval mode, return_dict, id2label, padding of TF checkpoints) ----------
+TF_CHECKPOINT = Path(__file__).parent / "fixtures" / "tf_slim" / "mobilenet_v1_0.25_128.ckpt"
+
+
+def _all_eval(model: torch.nn.Module) -> bool:
+    return not any(module.training for module in model.modules())
+
+
+def test_loaders_return_eval_models_and_constructors_train(tmp_path) -> None:
+    model = MobileNetV1ForImageClassification(MobileNetV1Config(depth_multiplier=0.25))
+    assert all(module.training for module in model.modules())
+    model.save_pretrained(tmp_path)
+    assert _all_eval(MobileNetV1ForImageClassification.from_pretrained(tmp_path))
+    assert _all_eval(MobileNetV1ForImageClassification.from_tf(TF_CHECKPOINT))
+
+
+def test_from_pretrained_matches_transformers_without_calling_eval(tmp_path) -> None:
+    """transformers' idiom never calls .eval(); in training mode BatchNorm would use the batch's statistics."""
+    hf = hf_classifier(depth_multiplier=0.25, seed=2)
+    hf.save_pretrained(tmp_path)
+    ours = MobileNetV1ForImageClassification.from_pretrained(tmp_path)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, hf(x).logits, atol=1e-5, rtol=0)
+
+
+def test_return_dict_false_gives_transformers_tuples() -> None:
+    hf = hf_classifier(depth_multiplier=0.25, seed=4, num_labels=5)
+    ours = ours_like(hf)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 3])
+    with torch.no_grad():
+        for kwargs in ({}, {"output_hidden_states": True}, {"labels": labels, "output_hidden_states": True}):
+            expected = hf(x, return_dict=False, **kwargs)
+            actual = ours(x, return_dict=False, **kwargs)
+            assert isinstance(actual, tuple) and len(actual) == len(expected), kwargs
+            for a, e in zip(actual, expected, strict=True):
+                if isinstance(e, tuple):
+                    assert isinstance(a, tuple) and len(a) == len(e)
+                    for ai, ei in zip(a, e, strict=True):
+                        torch.testing.assert_close(ai, ei, atol=1e-5, rtol=0)
+                else:
+                    torch.testing.assert_close(a, e, atol=1e-5, rtol=0)
+        bare_hf = hf.mobilenet_v1(x, return_dict=False)
+        bare = ours.mobilenet_v1(x, return_dict=False)
+        assert len(bare) == len(bare_hf) == 2
+        torch.testing.assert_close(bare[1], bare_hf[1], atol=1e-5, rtol=0)
+        assert ours(x, return_dict=True).logits.shape == (2, 5)
+
+
+def test_id2label_is_always_a_dict_and_survives_a_save(tmp_path) -> None:
+    model = MobileNetV1ForImageClassification.from_tf(TF_CHECKPOINT)
+    id2label = model.config.id2label
+    assert type(id2label) is dict and len(id2label) == 1001 and id2label[0] == "background"
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 3, 128, 128)).logits
+    assert isinstance(model.config.id2label[logits.argmax(-1).item()], str)  # transformers' idiom
+    assert type(model.config.label2id) is dict and model.config.label2id["tabby, tabby cat"] == 282
+    model.save_pretrained(tmp_path)
+    assert MobileNetV1ForImageClassification.from_pretrained(tmp_path).config.id2label == id2label
+    small = MobileNetV1Config(num_labels=3)
+    assert small.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    assert MobileNetV1Config.from_dict(small.to_dict()).id2label == small.id2label
+
+
+def test_from_tf_accepts_explicit_padding() -> None:
+    same = MobileNetV1ForImageClassification.from_tf(TF_CHECKPOINT)
+    explicit = MobileNetV1ForImageClassification.from_tf(TF_CHECKPOINT, tf_padding=False)
+    assert same.config.tf_padding is True and explicit.config.tf_padding is False
+    torch.testing.assert_close(explicit.state_dict(), same.state_dict(), rtol=0, atol=0)
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (explicit(x).logits - same(x).logits).abs().max() > 1e-3  # strided convs see other pixels

@@ -111,7 +111,7 @@ def test_user_error_through_python_m_is_one_line(tmp_path) -> None:
     ("argv", "fragment"),
     [
         (["classify", "x.png", "--weights", "w", "--top-k", "0"], "--top-k: expected a positive integer, got 0"),
-        (["classify", "x.png"], "the following arguments are required: --weights"),
+        (["features", "x.png"], "the following arguments are required: --weights"),
         (["features", "x.png", "--weights", "w", "--out-indices", "14"], "expected a block number in [0, 13]"),
         (["detect", "x.png", "--checkpoint", "c", "--out", "o", "--score-threshold", "2"], "expected a number in"),
         (["export", "--weights", "w", "--format", "tflite", "out"], "invalid choice: 'tflite'"),
@@ -444,3 +444,37 @@ def test_layer_table_multiply_adds_by_hand() -> None:
     assert sum(row.parameters for row in cli.layer_table(0.75, 224)) == 2_586_329
     bare = cli.layer_table(1.0, 224, num_labels=0)
     assert bare[-1].name == "Conv2d_13_pointwise" and sum(r.parameters for r in bare) == 4_233_001 - 1_026_025
+
+
+# --- issue 14: convert --no-tf-padding; classify without --weights -----------------------------------------------
+def test_convert_no_tf_padding_records_symmetric_padding(tmp_path, small_checkpoint, capsys) -> None:
+    destination = tmp_path / "explicit"
+    assert cli.main(["convert", str(TF_CHECKPOINT), str(destination), "--no-tf-padding"]) == 0
+    assert json.loads((destination / "config.json").read_text())["tf_padding"] is False
+    expected = MobileNetV1ForImageClassification.from_tf(TF_CHECKPOINT, tf_padding=False)
+    converted = MobileNetV1ForImageClassification.from_pretrained(destination)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x).logits, expected(x).logits, rtol=0, atol=0)
+    capsys.readouterr()
+    assert cli.main(["convert", str(small_checkpoint), str(tmp_path / "hf"), "--no-tf-padding"]) == 1
+    assert "--no-tf-padding is for TF checkpoints" in capsys.readouterr().err
+
+
+def test_classify_without_weights_uses_the_bundled_graph(capsys) -> None:
+    from mnv1_backbone.pretrained import find_bundled_frozen_graph
+
+    if find_bundled_frozen_graph() is None:
+        pytest.skip("needs `pip install --no-deps nudity==0.2.3`")
+    assert cli.main(["classify", str(CHELSEA), "--json", "--top-k", "1"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["predictions"][0]
+    assert "cat" in top["label"]  # Google's ImageNet weights on the photo of a cat
+
+
+def test_classify_without_weights_or_bundled_graph_says_how_to_get_them(monkeypatch, capsys) -> None:
+    import mnv1_backbone.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "find_bundled_frozen_graph", lambda: None)
+    assert cli.main(["classify", str(CHELSEA)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--weights" in error and "nudity==0.2.3" in error

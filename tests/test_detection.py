@@ -334,3 +334,19 @@ def test_ssd_network_exports_to_torch_export_and_onnx(tmp_path) -> None:
     outputs = session.run(None, {"images": x.numpy()})
     for got, want in zip(outputs, expected, strict=True):
         assert float((torch.from_numpy(got) - want).abs().max()) <= 1e-4
+
+
+def test_weights_backbone_with_explicit_padding() -> None:
+    """TF-slim checkpoints trained with use_explicit_padding=True: the padding is given with the weights."""
+    prefix = Path(__file__).parent / "fixtures" / "tf_slim" / "mobilenet_v1_0.25_128.ckpt"
+    explicit = det.ssdlite_mobilenet_v1(
+        size=128, weights_backbone=det.BackboneWeights(prefix, tf_padding=False), num_classes=3
+    )
+    same = det.ssdlite_mobilenet_v1(size=128, weights_backbone=prefix, num_classes=3)
+    assert explicit.backbone.backbone.config.tf_padding is False and same.backbone.backbone.config.tf_padding
+    fpn = det.fasterrcnn_mobilenet_v1_fpn(weights_backbone=det.BackboneWeights(str(prefix), tf_padding=False),
+                                          num_classes=3)
+    assert fpn.backbone.body.config.tf_padding is False
+    torch.testing.assert_close(
+        explicit.backbone.backbone.layer[3].convolution.weight, same.backbone.backbone.layer[3].convolution.weight
+    )

@@ -117,8 +117,8 @@ def image_side(text: str) -> int:
 
 # Options several subcommands share: defined once so their type, default and metavar cannot drift apart; each
 # subcommand words the help for its own use.
-def add_weights_option(parser: argparse.ArgumentParser, help_text: str = WEIGHTS_HELP) -> None:
-    parser.add_argument("--weights", required=True, metavar="PATH", help=help_text)
+def add_weights_option(parser: argparse.ArgumentParser, help_text: str = WEIGHTS_HELP, required: bool = True) -> None:
+    parser.add_argument("--weights", required=required, metavar="PATH", help=help_text)
 
 
 def add_out_indices_option(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -165,7 +165,12 @@ def read_image(path: str) -> Any:
 
 
 def weights_kind(weights: str) -> str:
-    """'hf' (directory, our .safetensors or Hub id) or 'tf' (anything `load_tf` reads); raises if it is missing."""
+    """'hf' (directory, our .safetensors or Hub id), 'timm' (a timm state-dict file or "timm/<name>" Hub id) or 'tf'
+    (anything `load_tf` reads); raises if it is missing."""
+    from ..weights import is_timm_file, is_timm_hub_id
+
+    if is_timm_hub_id(weights) or is_timm_file(weights):
+        return "timm"
     path = Path(weights)
     if path.is_dir():
         # An extracted TF release (checkpoint or frozen graph, no config.json) is TF; any other folder is HF's.
@@ -183,8 +188,11 @@ def weights_kind(weights: str) -> str:
 def load_classifier(weights: str) -> Any:
     from ..classification import MobileNetV1ForImageClassification
 
-    if weights_kind(weights) == "hf":
+    kind = weights_kind(weights)
+    if kind == "hf":
         model = MobileNetV1ForImageClassification.from_pretrained(weights)
+    elif kind == "timm":
+        model = MobileNetV1ForImageClassification.from_timm(weights)
     else:
         model = MobileNetV1ForImageClassification.from_tf(weights)
     return model.eval()
@@ -193,9 +201,13 @@ def load_classifier(weights: str) -> Any:
 def load_backbone(weights: str, out_indices: Sequence[int], output_stride: int) -> tuple[Any, Any]:
     """(backbone, the checkpoint's config): the config also tells the input size the weights were trained at."""
     from ..backbone import MobileNetV1Backbone
-    from ..weights import load_checkpoint, load_tf
+    from ..weights import load_checkpoint, load_tf, load_timm
 
-    config, state_dict = load_checkpoint(weights) if weights_kind(weights) == "hf" else load_tf(weights)
+    kind = weights_kind(weights)
+    if kind == "timm":
+        config, state_dict = load_timm(weights)[:2]
+    else:
+        config, state_dict = load_checkpoint(weights) if kind == "hf" else load_tf(weights)
     backbone = MobileNetV1Backbone.from_config(config, tuple(out_indices), output_stride=output_stride)
     backbone.load_trunk(state_dict, source=str(weights))
     return backbone.eval(), config
@@ -208,6 +220,11 @@ def processor_for(weights: str, image_size: int) -> Any:
     directory = Path(weights)
     if directory.is_dir() and (directory / PREPROCESSOR_CONFIG_NAME).is_file():
         return MobileNetV1ImageProcessor.from_pretrained(directory)
+    if weights_kind(weights) == "timm":  # timm's own evaluation settings
+        from ..classification import timm_image_processor
+        from ..weights import load_timm
+
+        return timm_image_processor(load_timm(weights).preprocessing)
     return default_processor(image_size)
 
 

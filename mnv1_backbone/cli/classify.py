@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ._common import (
+    WEIGHTS_HELP,
     CLIError,
     add_command,
     add_weights_option,
@@ -33,7 +34,12 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "  mnv1 classify cat.png --weights mobilenet_v1_1.0_224_frozen.pb --top-k 3 --json",
     )
     sub.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
-    add_weights_option(sub)
+    add_weights_option(
+        sub,
+        WEIGHTS_HELP + "; default: Google's mobilenet_v1_1.0_224 frozen graph when the nudity package ships it "
+        "(pip install --no-deps nudity==0.2.3)",
+        required=False,
+    )
     sub.add_argument("--top-k", type=positive_int, default=5, metavar="K",
                      help="how many of the most probable classes to show per image")
     sub.add_argument("--json", action="store_true",
@@ -47,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     images = [(path, read_image(path)) for path in args.images]  # fail on a bad image before loading weights
-    model = load_classifier(args.weights)
-    processor = processor_for(args.weights, model.config.image_size)
+    weights = args.weights if args.weights is not None else _bundled_weights()
+    model = load_classifier(weights)
+    processor = processor_for(weights, model.config.image_size)
     id2label = model.config.resolved_id2label()
     results = []
     with torch.inference_mode():
@@ -76,3 +83,18 @@ def run(args: argparse.Namespace) -> int:
         rows = [(p["rank"], p["index"], f"{100 * p['probability']:.2f}%", p["label"]) for p in result["predictions"]]
         print_table(("rank", "index", "probability", "label"), rows, (True, True, True, False))
     return 0
+
+
+def _bundled_weights() -> str:
+    """Google's ImageNet graph where a package ships it (as the README's examples find it); else say how to get
+    weights, in one line."""
+    from ..pretrained import find_bundled_frozen_graph
+
+    graph = find_bundled_frozen_graph()
+    if graph is None:
+        raise CLIError(
+            "no --weights given and no bundled weights found: pass --weights (an HF directory, a TF release file, "
+            "a timm state-dict file or 'timm/mobilenetv1_100'), or install Google's mobilenet_v1_1.0_224 graph "
+            "with 'pip install --no-deps nudity==0.2.3'"
+        )
+    return str(graph)

@@ -260,11 +260,15 @@ def _folded_names(tensors: Mapping[str, Any]) -> list[str]:
     return sorted(name for name in tensors if _FOLDED_BN.search(name))
 
 
-def load_tf_release(path: str | os.PathLike[str], *, prefer_ema: bool = True, scope: str = "MobilenetV1") -> TFRelease:
+def load_tf_release(
+    path: str | os.PathLike[str], *, prefer_ema: bool = True, scope: str = "MobilenetV1", tf_padding: bool = True
+) -> TFRelease:
     """Read any TF release file (`read_tf_weights`) and map it to a config and HF-keyed state dict.
 
-    The config's ``image_size`` comes from the file name when it carries one. Raises `WeightsFormatError`
-    naming the file for unreadable files, and `StateDictMismatchError` listing missing or misshapen tensors.
+    The config's ``image_size`` comes from the file name when it carries one; ``tf_padding=False`` for models
+    trained with TF-slim's ``use_explicit_padding=True`` (a checkpoint does not record its padding). Raises
+    `WeightsFormatError` naming the file for unreadable files, and `StateDictMismatchError` listing missing or
+    misshapen tensors.
     """
     from mnv1_backbone.config import MobileNetV1Config
 
@@ -299,6 +303,7 @@ def load_tf_release(path: str | os.PathLike[str], *, prefer_ema: bool = True, sc
         )
     if weights.image_size is not None:
         config_kwargs["image_size"] = weights.image_size
+    config_kwargs["tf_padding"] = bool(tf_padding)
     return TFRelease(weights, MobileNetV1Config(**config_kwargs), state_dict)
 
 
@@ -389,6 +394,7 @@ def convert_with_report(
     *,
     image_size: int | None = None,
     prefer_ema: bool = True,
+    tf_padding: bool = True,
 ) -> ConversionReport:
     """`convert`, returning a `ConversionReport`."""
     from mnv1_backbone.hf_checkpoint import save_hf_directory
@@ -400,7 +406,7 @@ def convert_with_report(
     destination = Path(dst)
     if destination.exists() and not destination.is_dir():
         raise FileExistsError(f"{destination} exists and is not a directory")
-    release = load_tf_release(src, prefer_ema=prefer_ema)
+    release = load_tf_release(src, prefer_ema=prefer_ema, tf_padding=tf_padding)
     resolution = image_size if image_size is not None else release.weights.image_size
     if resolution is None:
         resolution = _DEFAULT_IMAGE_SIZE
@@ -458,6 +464,7 @@ def convert(
     *,
     image_size: int | None = None,
     prefer_ema: bool = True,
+    tf_padding: bool = True,
 ) -> Path:
     """Convert a TF release (archive, checkpoint prefix or frozen ``.pb``) to an HF-format directory.
 
@@ -465,6 +472,9 @@ def convert(
     ``image_size + 32``, center crop ``image_size``) into ``dst``, which transformers'
     ``MobileNetV1ForImageClassification.from_pretrained`` / ``AutoImageProcessor`` load unchanged.
     ``image_size`` defaults to the ``_<res>`` in the source's name, else 224 (with a warning);
-    ``prefer_ema=False`` takes the raw variables instead of their EMA shadows. Returns ``dst``.
+    ``prefer_ema=False`` takes the raw variables instead of their EMA shadows; ``tf_padding=False`` records
+    symmetric padding, for models trained with ``use_explicit_padding=True``. Returns ``dst``.
     """
-    return convert_with_report(src, dst, image_size=image_size, prefer_ema=prefer_ema).destination
+    return convert_with_report(
+        src, dst, image_size=image_size, prefer_ema=prefer_ema, tf_padding=tf_padding
+    ).destination

@@ -8,7 +8,7 @@ checks, backbone weights, detector weights); the TF Object Detection API import 
 them. Every public name is importable from `mnv1_backbone.detection`.
 """
 
-from .builders import NUM_STAGES
+from .builders import NUM_STAGES, BackboneWeights
 from .fpn import (
     MobileNetV1FPN,
     fasterrcnn_mobilenet_v1_fpn,
@@ -30,6 +30,7 @@ from .ssdlite import (
 
 __all__ = [
     "NUM_STAGES",
+    "BackboneWeights",
     "SSDLITE_EXTRA_CHANNELS",
     "MobileNetV1FPN",
     "SSDLiteFeatureExtractor",

@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -19,13 +20,35 @@ from ..backbone import MobileNetV1Backbone
 from ..config import STAGES, MobileNetV1Config
 from ..layers import FrozenBatchNorm2d
 
-__all__ = ["IMAGE_MEAN", "IMAGE_STD", "NUM_STAGES", "WeightsPath"]
+__all__ = ["IMAGE_MEAN", "IMAGE_STD", "NUM_STAGES", "BackboneWeights", "WeightsPath"]
 
 NUM_STAGES = len(STAGES)
 # Google's preprocessing maps pixels to [-1, 1]; torchvision's detectors default to ImageNet statistics.
 IMAGE_MEAN = [0.5, 0.5, 0.5]
 IMAGE_STD = [0.5, 0.5, 0.5]
-WeightsPath = str | os.PathLike | None
+
+
+@dataclass(frozen=True)
+class BackboneWeights:
+    """A `weights_backbone` with reading options, where the file alone cannot say them.
+
+    Attributes:
+        path: anything `mnv1_backbone.weights.load_any` reads (HF directory, our `.safetensors`, TF checkpoint,
+            frozen `.pb` or `.tgz`, timm state-dict file or `"timm/<name>"` Hub id).
+        tf_padding: for TF files: False for checkpoints trained with TF-slim's `use_explicit_padding=True`
+            (symmetric padding); Google's releases use SAME padding (True). Other formats record their padding.
+        prefer_ema: for TF checkpoints: their ExponentialMovingAverage shadows (True) or the raw variables.
+    """
+
+    path: str | os.PathLike
+    tf_padding: bool = True
+    prefer_ema: bool = True
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+WeightsPath = str | os.PathLike | BackboneWeights | None
 
 
 def _validate_num_classes(num_classes: int) -> None:
@@ -52,9 +75,13 @@ def _validate_trainable_layers(is_trained: bool, trainable_layers: int | None, d
     return trainable_layers
 
 
-def _read_classifier_weights(path: str | os.PathLike) -> tuple[MobileNetV1Config, dict[str, Tensor]]:
+def _read_classifier_weights(
+    path: str | os.PathLike | BackboneWeights,
+) -> tuple[MobileNetV1Config, dict[str, Tensor]]:
     from ..weights import load_any
 
+    if isinstance(path, BackboneWeights):
+        return load_any(path.path, prefer_ema=path.prefer_ema, tf_padding=path.tf_padding)
     return load_any(path)
 
 

@@ -116,8 +116,10 @@ def ssdlite_mobilenet_v1(
     Args:
         size: input side the detector resizes images to (320 as torchvision's; 300 and 512 work too).
         weights: a detector state dict file (`.safetensors` or `.pt`, e.g. a demo checkpoint's weights).
-        weights_backbone: an HF directory, our `.safetensors` or a TF frozen `.pb`: the classifier whose
-            trunk initialises the backbone.
+        weights_backbone: the classifier whose trunk initialises the backbone: an HF directory, our
+            `.safetensors`, Google's TF files (checkpoint, frozen `.pb`, `.tgz`), timm's MobileNetV1 (a state-dict
+            file or a `"timm/<name>"` Hub id), or a `BackboneWeights(path, tf_padding=False)` for TF checkpoints
+            trained with `use_explicit_padding=True`.
         num_classes: including the background class 0.
         trainable_backbone_layers: stages (0-6) trainable from the top; all six when not pretrained.
         depth_multiplier: backbone width; taken from `weights_backbone` when that is given.
