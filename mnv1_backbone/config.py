@@ -110,6 +110,10 @@ def plan_layers(
     return plans
 
 
+# The most labels whose default names a config writes out when built (ImageNet-21k has 21,841).
+_MAX_DEFAULT_LABELS = 1 << 17
+
+
 def _default_id2label(num_labels: int) -> dict[int, str]:
     """The shipped ImageNet labels for Google's 1001 classes; "LABEL_i" otherwise, as transformers names them."""
     if num_labels == 1001:
@@ -156,9 +160,11 @@ class MobileNetV1Config:
             if self.num_labels != len(self.id2label):
                 self.num_labels = len(self.id2label)
         self.validate()
-        # Always a plain dict, as in transformers (`config.id2label[index]` works on any config, and is the same
-        # before and after a save): the shipped ImageNet names for 1001 labels, "LABEL_i" otherwise.
-        if self.id2label is None:
+        # A plain dict, as in transformers (`config.id2label[index]` works on any config, and is the same before
+        # and after a save): the shipped ImageNet names for 1001 labels, "LABEL_i" otherwise. Label counts beyond
+        # any real classifier (a hostile config.json may claim 10**12, to be refused by the loaders' size check)
+        # are not materialised here; `resolved_id2label()` names them on demand.
+        if self.id2label is None and self.num_labels <= _MAX_DEFAULT_LABELS:
             self.id2label = _default_id2label(self.num_labels)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -166,7 +172,7 @@ class MobileNetV1Config:
         # As transformers' `num_labels` setter: a new label count gets default names unless the names still fit.
         if name == "num_labels" and isinstance(getattr(self, "id2label", None), dict):
             if isinstance(value, int) and len(self.id2label) != value:
-                super().__setattr__("id2label", _default_id2label(value))
+                super().__setattr__("id2label", _default_id2label(value) if value <= _MAX_DEFAULT_LABELS else None)
 
     def validate(self) -> None:
         """Raise `ValueError` naming the first field whose value a MobileNetV1 cannot be built with."""
