@@ -135,19 +135,35 @@ def test_optimize_rejects_other_models() -> None:
         optimize_for_inference(torch.nn.Linear(2, 2))
 
 
+def _seven_bit_expected(quantized, reduce_range: bool) -> dict[str, bool]:
+    """Which ReLU6s of a quantized backbone must clip at 127 steps: all with 7-bit activations; else those
+    feeding a depthwise conv (fbgemm's depthwise kernels sum in saturating int16 even with VNNI)."""
+    modules = dict(quantized.model.named_modules())
+    expected = {}
+    for name in modules:
+        if name.startswith("model.layer.") and name.endswith(".activation"):
+            consumer = modules.get(f"model.layer.{int(name.split('.')[2]) + 1}.convolution")
+            expected[name] = reduce_range or (consumer is not None and consumer.groups > 1)
+    return expected
+
+
 @pytest.mark.filterwarnings("ignore")
-def test_int8_backbone_runs_and_stays_close() -> None:
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_int8_backbone_runs_and_stays_close(reduce_range: bool) -> None:
     backbone = randomize(MobileNetV1Backbone((5, 13), depth_multiplier=0.25), seed=4)
     images = [torch.rand(2, 3, 96, 96) * 2 - 1 for _ in range(3)]
-    quantized = quantize_int8(backbone, images)
+    quantized = quantize_int8(backbone, images, reduce_range=reduce_range)
     assert quantized.mirrored  # quantized on the mirrored image; the maps come back unflipped
-    # Every ReLU6 clips where its 7-bit output range ends (x86 sums u8 x s8 pairs in int16: 8 bits could overflow).
+    # Every ReLU6 clips where its output range ends: 127 steps (7 bits) where the next conv needs it.
+    seven_bit = _seven_bit_expected(quantized, reduce_range)
+    assert sum(seven_bit.values()) == (26 if reduce_range else 12), seven_bit  # pointwise layers 1, 3, ..., 23
     for name, module in quantized.model.named_modules():
-        if name.endswith("activation"):
+        if name.endswith("activation") and name != "model.conv_stem.activation":  # float, feeding a float layer
             conv = quantized.model.get_submodule(name.replace("activation", "convolution"))
             assert type(module) is torch.nn.Hardtanh and 0 < module.max_val <= 6, (name, module)
-            if hasattr(conv, "scale"):  # quantized (the first depthwise conv stays float)
-                assert module.max_val == pytest.approx(min(6.0, 127 * conv.scale)), name
+            if hasattr(conv, "scale"):  # quantized (the stem and the first depthwise conv stay float)
+                steps = 127 if seven_bit.get(name, reduce_range) else 255
+                assert module.max_val == pytest.approx(min(6.0, steps * conv.scale)), name
     with torch.no_grad():
         got, expected = quantized(images[0]), backbone(images[0])
     assert list(got) == list(expected)
@@ -155,6 +171,67 @@ def test_int8_backbone_runs_and_stays_close() -> None:
         assert got[key].shape == expected[key].shape
         cosine = torch.nn.functional.cosine_similarity(got[key].flatten(1), expected[key].flatten(1))
         assert cosine.min() > 0.9, (key, cosine)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.skipif(find_bundled_frozen_graph() is None, reason="needs the real weights (nudity wheel)")
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_int8_convs_do_exact_integer_arithmetic(reduce_range: bool) -> None:
+    """Every quantized conv gives what exact integer arithmetic gives, to its output rounding: no int16
+    saturation in fbgemm's kernels. With 8-bit inputs its depthwise kernels were off by up to 150 output steps
+    on this photo even with AVX512-VNNI (where the dense kernels are exact), so depthwise inputs keep 7 bits.
+    Real weights: their large depthwise taps are what saturates."""
+    model = MobileNetV1ForImageClassification.from_tf(find_bundled_frozen_graph())
+    x = MobileNetV1ImageProcessor()(Image.open(DATA / "coffee.png"))["pixel_values"]
+    quantized = quantize_int8(model, [x, x.flip(-1)], reduce_range=reduce_range)
+    errors = {}
+
+    def check(name):
+        def hook(conv, inputs, output):
+            exact = torch.nn.functional.conv2d(
+                inputs[0].dequantize(), conv.weight().dequantize(), conv.bias(), conv.stride, conv.padding,
+                conv.dilation, conv.groups,
+            )
+            low, high = -output.q_zero_point() * output.q_scale(), (255 - output.q_zero_point()) * output.q_scale()
+            errors[name] = float((output.dequantize() - exact.clamp(low, high)).abs().max() / output.q_scale())
+
+        return hook
+
+    for name, module in quantized.model.named_modules():
+        if isinstance(module, torch.ao.nn.quantized.Conv2d):
+            module.register_forward_hook(check(name))
+    with torch.no_grad():
+        quantized(x)
+    assert len(errors) == 25  # 27 convs less the float stem and first depthwise conv
+    assert max(errors.values()) <= 0.51, {name: error for name, error in errors.items() if error > 0.51}
+
+
+def test_int8_activation_bits_follow_the_cpu(monkeypatch) -> None:
+    from mnv1_backbone import inference
+
+    monkeypatch.setattr(inference, "_cpu_has_avx512_vnni", lambda: True)
+    assert not inference.int8_needs_reduce_range("x86") and not inference.int8_needs_reduce_range("fbgemm")
+    monkeypatch.setattr(inference, "_cpu_has_avx512_vnni", lambda: False)
+    assert inference.int8_needs_reduce_range("x86") and inference.int8_needs_reduce_range("fbgemm")
+    assert not inference.int8_needs_reduce_range("qnnpack")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_int8_takes_the_cpu_path_unless_told(monkeypatch) -> None:
+    """reduce_range=None asks the CPU: without AVX512-VNNI every ReLU6 clips at 127 steps (7 bits)."""
+    from mnv1_backbone import inference
+
+    backbone = randomize(MobileNetV1Backbone((5,), depth_multiplier=0.25), seed=7)
+    images = [torch.rand(1, 3, 64, 64) * 2 - 1]
+    for vnni, seven_bit in ((False, 9), (True, 4)):  # layers 1-9 quantized; 1, 3, 5, 7 feed depthwise convs
+        monkeypatch.setattr(inference, "_cpu_has_avx512_vnni", lambda vnni=vnni: vnni)
+        quantized = quantize_int8(backbone, images)
+        clipped = [
+            module.max_val / quantized.model.get_submodule(name.replace("activation", "convolution")).scale
+            for name, module in quantized.model.named_modules()
+            if name.endswith("activation") and name not in ("model.conv_stem.activation", "model.layer.0.activation")
+        ]
+        assert sum(steps == pytest.approx(127) for steps in clipped) == seven_bit, (vnni, clipped)
 
 
 def test_int8_leaves_the_named_layers_in_float() -> None:
@@ -165,7 +242,7 @@ def test_int8_leaves_the_named_layers_in_float() -> None:
     def float_convs(model: torch.nn.Module) -> int:
         return sum(type(m) is torch.nn.Conv2d for m in model.modules())
 
-    assert float_convs(quantize_int8(backbone, images)) == 1  # the first depthwise conv, by default
+    assert float_convs(quantize_int8(backbone, images)) == 2  # the stem and the first depthwise conv, by default
     assert float_convs(quantize_int8(backbone, images, float_layers=())) == 0
     assert float_convs(quantize_int8(backbone, images, float_layers=("conv_stem", "layer.2"))) == 2
     with pytest.raises(ValueError, match=r"float_layers \['layer.99'\] are not layers of MobileNetV1Backbone"):
