@@ -341,6 +341,13 @@ def quantize_int8(
         _correct_biases(float_model, inputs, skip=kept)
     if reduce_range is None:
         reduce_range = int8_needs_reduce_range(backend)
+    other = {type(m.activation).__name__ for m in float_model.modules() if isinstance(m, FoldedConvActivation)}
+    other -= {"ReLU6"}
+    if not reduce_range and other and backend in ("x86", "fbgemm"):
+        # Only ReLU6 outputs are observed and clipped per consumer (7 bits into depthwise convs, whose fbgemm
+        # kernels saturate in int16 on every CPU); with other activations keep 7 bits everywhere.
+        logger.info("int8 with %s activations: 7-bit activations everywhere", sorted(other))
+        reduce_range = True
     qconfig_mapping = get_default_qconfig_mapping(backend)
     activation = HistogramObserver.with_args(reduce_range=reduce_range)
     qconfig_mapping.set_global(QConfig(activation=activation, weight=qconfig_mapping.global_qconfig.weight))

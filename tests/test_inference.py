@@ -349,3 +349,18 @@ def test_fast_paths_reject_what_they_cannot_take() -> None:
         fast(torch.rand(3, 64, 64))
     with pytest.raises(ValueError, match="needs at least 32x32"):
         fast(torch.rand(1, 3, 16, 64))  # the model's own checks still speak
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_int8_with_other_activations_keeps_seven_bits() -> None:
+    """Only ReLU6 outputs are narrowed per consumer; with ReLU the depthwise inputs must still get 7 bits, so
+    asking for 8 bits gives the 7-bit model (the same numbers)."""
+    backbone = randomize(MobileNetV1Backbone((5,), depth_multiplier=0.25, hidden_act="relu"), seed=8)
+    images = [torch.rand(2, 3, 64, 64) * 2 - 1]
+    with torch.no_grad():
+        eight, seven = (quantize_int8(backbone, images, reduce_range=r)(images[0]) for r in (False, True))
+    torch.testing.assert_close(eight, seven, atol=0, rtol=0)
+    relu6 = randomize(MobileNetV1Backbone((5,), depth_multiplier=0.25), seed=8)
+    with torch.no_grad():
+        eight, seven = (quantize_int8(relu6, images, reduce_range=r)(images[0]) for r in (False, True))
+    assert not torch.equal(eight["Conv2d_5_pointwise"], seven["Conv2d_5_pointwise"])  # ReLU6: 8 bits where safe
