@@ -93,20 +93,23 @@ def test_int8_agrees_with_float32_on_real_photos(judged, reduce_range: bool | No
     logits = _cross_calibrated_logits(model, pixel_values, reduce_range=reduce_range)
     cosine = torch.nn.functional.cosine_similarity(logits, reference)
     agree = int((logits.argmax(-1) == reference.argmax(-1)).sum())
-    # Measured on an AVX512-VNNI CPU: 8-bit path cosine mean 0.9975 (min 0.988), 7-bit path 0.9965 (min 0.987);
-    # top-1 17 of 19 on both: the two misses (cell.png, china.jpg) are close calls in float32 too (top two
-    # classes 0.43 / 0.37 and 0.32 / 0.25). Before this work: mean 0.970, min 0.879, 13 of 19.
+    # Measured on an AVX512-VNNI CPU: 8-bit path cosine mean 0.9976 (min 0.988), 7-bit path 0.9965 (min 0.987);
+    # top-1 18 of 19 on both (94.7%, short of the 95% target): cell.png moves, a close call in float32 too (top
+    # two classes 0.43 / 0.37). Before this work: mean 0.970, min 0.879, 13 of 19. The int8 arithmetic is exact
+    # integer arithmetic (see test_inference.py), so the 7-bit path gives these numbers on an AVX2 CPU too.
     assert cosine.mean() >= 0.99, cosine
     assert cosine.min() >= 0.98, cosine
-    assert agree >= 17, (agree, logits.argmax(-1), reference.argmax(-1))
+    assert agree >= 18, (agree, logits.argmax(-1), reference.argmax(-1))
 
 
 @needs_weights
 @pytest.mark.slow
 def test_bias_correction_is_what_lifts_the_depthwise_layers(judged) -> None:
-    """Without bias correction, the same int8 model is clearly further from float32 (it earns its place)."""
+    """Without bias correction, the same int8 model is clearly further from float32 (it earns its place).
+
+    Measured (7-bit path): 1 - mean cosine 0.0035 with it, 0.0162 without (and top-1 18 against 12 of 19)."""
     model, pixel_values, reference = judged
     with_correction = _cross_calibrated_logits(model, pixel_values, reduce_range=True)
     without = _cross_calibrated_logits(model, pixel_values, reduce_range=True, bias_correction=False)
     gap = [1 - torch.nn.functional.cosine_similarity(x, reference).mean() for x in (with_correction, without)]
-    assert gap[1] > 1.5 * gap[0], gap
+    assert gap[1] > 3 * gap[0], gap
