@@ -181,7 +181,7 @@ def test_int8_convs_do_exact_integer_arithmetic(reduce_range: bool) -> None:
     saturation in fbgemm's kernels. With 8-bit inputs its depthwise kernels were off by up to 150 output steps
     on this photo even with AVX512-VNNI (where the dense kernels are exact), so depthwise inputs keep 7 bits.
     Real weights: their large depthwise taps are what saturates."""
-    model = MobileNetV1ForImageClassification.from_tf(find_bundled_frozen_graph())
+    model = MobileNetV1ForImageClassification.from_tf(find_bundled_frozen_graph()).eval()
     x = MobileNetV1ImageProcessor()(Image.open(DATA / "coffee.png"))["pixel_values"]
     quantized = quantize_int8(model, [x, x.flip(-1)], reduce_range=reduce_range)
     errors = {}

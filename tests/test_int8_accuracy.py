@@ -64,7 +64,7 @@ def _package_file(package: str, relative: str) -> Path:
 @pytest.fixture(scope="module")
 def judged() -> tuple[MobileNetV1ForImageClassification, torch.Tensor, torch.Tensor]:
     """The float32 model, the 19 preprocessed photos and the float32 logits."""
-    model = MobileNetV1ForImageClassification.from_tf(find_bundled_frozen_graph())
+    model = MobileNetV1ForImageClassification.from_tf(find_bundled_frozen_graph()).eval()
     photos = [Image.open(_package_file(package, path)).convert("RGB") for package, path, _ in PHOTOS]
     pixel_values = MobileNetV1ImageProcessor()(photos)["pixel_values"]
     with torch.no_grad():
