@@ -258,7 +258,7 @@ def test_killed_rank_ends_the_job(data_root: Path, tmp_path: Path) -> None:
 
 
 _AGREEMENT_SCRIPT = """
-import json, math
+import json, math, os
 from pathlib import Path
 import torch
 from detection_demo.data import BadImageError
@@ -284,7 +284,9 @@ with distributed_context("cpu", timeout_s=30) as context:
         yield [torch.zeros(3, 4, 4)], [{}]
 
     bad = outcome(lambda: _next_batch(batches(), context, 3, 1))
-    print(json.dumps({"rank": context.rank, "nan": nan, "bad": bad}), flush=True)
+    # One file per rank: two ranks printing to torchrun's shared stdout can interleave within a line.
+    with open(os.path.join(os.environ["REPORT_DIR"], f"rank{context.rank}.json"), "w") as report:
+        json.dump({"rank": context.rank, "nan": nan, "bad": bad}, report)
 """
 
 
@@ -293,10 +295,11 @@ def test_a_failure_on_one_rank_stops_every_rank_with_one_message(tmp_path: Path)
     script = tmp_path / "agree.py"
     script.write_text(_AGREEMENT_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    result = subprocess.run(command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=120)
+    env = {**_environment(), "REPORT_DIR": str(tmp_path)}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = {report["rank"]: report for report in map(json.loads, (line for line in result.stdout.splitlines()
-                                                                     if line.startswith("{")))}
+    reports = {report["rank"]: report for report in (json.loads(path.read_text())
+                                                     for path in sorted(tmp_path.glob("rank*.json")))}
     assert sorted(reports) == [0, 1]
     for report in reports.values():  # both ranks stop, at the same step, with an error the CLI prints once
         assert report["nan"][0] == "NonFiniteLossError" and report["nan"][2]
