@@ -485,13 +485,18 @@ def _train(config: TrainConfig, given: Collection[str] | None, context: Distribu
             if config.freeze_bn:
                 _freeze_batch_norm(model_without_ddp)
             bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
-            epoch_loss, epoch_start, epoch_cpu = 0.0, time.perf_counter(), time.process_time()
+            epoch_loss, trained_steps, epoch_start, epoch_cpu = 0.0, 0, time.perf_counter(), time.process_time()
             batches = iter(loader)
+            min_images = min(2, config.batch_size)  # BatchNorm in training needs two values per channel
             for _ in range(steps_per_epoch):
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
+                step_loss, skip_update = 0.0, False
                 for micro in range(config.accumulate):
-                    images, targets = _next_batch(batches, context, global_step + 1, epoch + 1)
+                    batch = _next_batch(batches, context, global_step + 1, epoch + 1, min_images)
+                    if batch is None or skip_update:  # read the step's other micro-batches all the same
+                        skip_update = True
+                        continue
+                    images, targets = batch
                     # Images stay (C, H, W): the detector stacks them, and a convolution with channels-last weights
                     # computes in channels-last whatever its input's layout.
                     images = [image.to(device, non_blocking=True) for image in images]
@@ -509,6 +514,12 @@ def _train(config: TrainConfig, given: Collection[str] | None, context: Distribu
                                               scheduler.get_last_lr()[0], checkpoint_path)
                         scaler.scale(loss / config.accumulate).backward()
                     step_loss += loss_value / config.accumulate
+                if skip_update:  # every rank skips this update together; the schedule moves on as planned
+                    scheduler.step()
+                    global_step += 1
+                    samples_seen += global_batch
+                    bar.update(1)
+                    continue
                 if config.clip_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
@@ -519,12 +530,13 @@ def _train(config: TrainConfig, given: Collection[str] | None, context: Distribu
                 global_step += 1
                 samples_seen += global_batch
                 epoch_loss += step_loss
+                trained_steps += 1
                 history["steps"].append({"step": global_step, "epoch": epoch + 1, "loss": step_loss, "lr": lr})
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
             del batches
             epoch += 1
-            epoch_record = {"epoch": epoch, "step": global_step, "loss": epoch_loss / max(steps_per_epoch, 1),
+            epoch_record = {"epoch": epoch, "step": global_step, "loss": epoch_loss / max(trained_steps, 1),
                             "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start,
                             "cpu_seconds": time.process_time() - epoch_cpu}
             if config.skip_bad_images:  # images that passed the scan but failed to decode, over all ranks so far
@@ -727,12 +739,14 @@ def _set_schedule_position(scheduler: LambdaLR, step: int) -> None:
     scheduler._last_lr = lrs  # what get_last_lr() reports, as LambdaLR.step() sets it
 
 
-def _next_batch(batches: Iterator[Any], context: DistributedContext, step: int, epoch: int) -> Any:
+def _next_batch(batches: Iterator[Any], context: DistributedContext, step: int, epoch: int, min_images: int) -> Any:
     """The next batch of this rank, once every rank has one: a bad image anywhere stops every rank together.
 
     Without that agreement a rank whose loader failed would leave the others waiting in DDP's gradient
-    all-reduce until the process-group timeout. A batch that lost all its images to `skip_bad_images` is skipped
-    (the step averages the others), and the loader's exception never reaches the user with a worker traceback.
+    all-reduce until the process-group timeout, and the loader's exception never reaches the user with a worker
+    traceback. When `skip_bad_images` left a batch on any rank with fewer than `min_images` images (none, or one
+    where BatchNorm needs two), every rank gets None and skips that update together: taking the next batch
+    instead would run out of batches before the epoch's last step.
     """
     failure = None
     batch: Any = None
@@ -740,7 +754,7 @@ def _next_batch(batches: Iterator[Any], context: DistributedContext, step: int, 
         batch = next(batches)
     except BadImageError as error:
         failure = str(error)
-    empty = failure is None and not batch[0]
+    empty = failure is None and len(batch[0]) < min_images
     flags = all_reduce_sum(context, [float(failure is not None), float(empty)])
     if flags[0]:
         where = f"step {step}, epoch {epoch}"
@@ -753,8 +767,9 @@ def _next_batch(batches: Iterator[Any], context: DistributedContext, step: int, 
         error.every_rank = True  # type: ignore[attr-defined]
         raise error
     if flags[1]:
-        logger.warning("step %d: a batch lost all its images to --skip-bad-images; taking the next one", step)
-        return _next_batch(batches, context, step, epoch)
+        logger.warning("step %d: --skip-bad-images left a batch with fewer than %d images; every rank skips this "
+                       "update", step, min_images)
+        return None
     return batch
 
 

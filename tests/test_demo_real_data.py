@@ -444,9 +444,10 @@ def test_train_counts_images_that_fail_after_the_scan(tmp_path: Path, monkeypatc
     monkeypatch.setattr(train_module, "check_images", lambda *args, **kwargs: 0)  # as if they broke after it
     (root / "train" / "002.jpg").unlink()
     _truncate(root / "train" / "004.jpg")
-    # Batches of 3 keep at least 2 images each: SSDLite's BatchNorm on 1x1 maps cannot train on one image.
+    # Batches of 2: a batch left with one image (SSDLite's BatchNorm cannot train on it) skips its update.
     code = main(["train", "--data-root", str(root), "--output", str(tmp_path / "run"), "--skip-bad-images",
-                 *TINY_FLAGS, "--batch-size", "3"])
+                 *TINY_FLAGS, "--epochs", "2"])
     assert code == 0
     history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert history["epochs"][-1]["skipped_images"] == 2
+    assert history["epochs"][-1]["skipped_images"] == 4  # two files, two epochs
+    assert history["epochs"][-1]["step"] == 2 * 3  # 6 images, batch 2: every planned step counted

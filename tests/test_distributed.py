@@ -283,7 +283,7 @@ with distributed_context("cpu", timeout_s=30) as context:
             raise BadImageError("/data/img7.jpg: image file is truncated")
         yield [torch.zeros(3, 4, 4)], [{}]
 
-    bad = outcome(lambda: _next_batch(batches(), context, 3, 1))
+    bad = outcome(lambda: _next_batch(batches(), context, 3, 1, 1))
     # One file per rank: two ranks printing to torchrun's shared stdout can interleave within a line.
     with open(os.path.join(os.environ["REPORT_DIR"], f"rank{context.rank}.json"), "w") as report:
         json.dump({"rank": context.rank, "nan": nan, "bad": bad}, report)
@@ -351,17 +351,20 @@ def test_one_process_opens_no_process_group(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_bad_image_in_a_batch_stops_with_one_message() -> None:
     def batches():
-        yield [torch.zeros(3, 8, 8)], [{}]
+        yield [torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)], [{}, {}]
         yield [], []  # every image of this batch was skipped (--skip-bad-images)
-        yield [torch.ones(3, 8, 8)], [{}]
+        yield [torch.ones(3, 8, 8)], [{}]  # one image left: too few for BatchNorm when batches hold 2
+        yield [torch.ones(3, 8, 8), torch.ones(3, 8, 8)], [{}, {}]
         raise BadImageError("/data/img7.jpg: image file is truncated")
 
     context = DistributedContext()
     iterator = batches()
-    assert _next_batch(iterator, context, 1, 1)[0][0].sum() == 0
-    assert _next_batch(iterator, context, 2, 1)[0][0].sum() == 3 * 64  # the empty batch was passed over
-    with pytest.raises(BadImageError, match=r"^/data/img7.jpg: image file is truncated \(step 3, epoch 1\)\. Fix"):
-        _next_batch(iterator, context, 3, 1)
+    assert _next_batch(iterator, context, 1, 1, 2)[0][0].sum() == 0
+    assert _next_batch(iterator, context, 2, 1, 2) is None  # the update is skipped, not the next batch taken
+    assert _next_batch(iterator, context, 3, 1, 2) is None
+    assert _next_batch(iterator, context, 4, 1, 2)[0][0].sum() == 3 * 64
+    with pytest.raises(BadImageError, match=r"^/data/img7.jpg: image file is truncated \(step 5, epoch 1\)\. Fix"):
+        _next_batch(iterator, context, 5, 1, 2)
 
 
 def test_cli_refuses_sync_bn_on_cpu(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
