@@ -33,7 +33,7 @@ _BLOCK = re.compile(
     r"(?P<skip><!-- skip-test: (?P<reason>[^>]+?) -->[ \t]*\n)?```python[^\n]*\n(?P<code>.*?)```", re.DOTALL
 )
 # Modules some pages import that come with the `test` extra; a page is skipped, not failed, without them.
-_OPTIONAL_MODULES = ("onnxruntime", "onnxscript", "transformers")
+_OPTIONAL_MODULES = ("onnxruntime", "onnxscript", "transformers", "timm")
 
 
 def python_blocks(text: str) -> list[tuple[str | None, str]]:

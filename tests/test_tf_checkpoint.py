@@ -567,3 +567,11 @@ def test_cli_error_is_one_line_without_traceback(tmp_path: Path, capsys) -> None
     assert not (tmp_path / "out").exists()
     assert cli_main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.startswith("error: no TF checkpoint")
+
+
+def test_module_cli_no_tf_padding_records_symmetric_padding(tmp_path: Path) -> None:
+    """`python -m mnv1_backbone.convert --no-tf-padding`, as `mnv1 convert --no-tf-padding`."""
+    assert cli_main([str(PREFIX), str(tmp_path / "same")]) == 0
+    assert cli_main([str(PREFIX), str(tmp_path / "explicit"), "--no-tf-padding"]) == 0
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["tf_padding"] is True
+    assert json.loads((tmp_path / "explicit" / "config.json").read_text())["tf_padding"] is False

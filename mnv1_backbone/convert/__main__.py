@@ -1,4 +1,4 @@
-"""``python -m mnv1_backbone.convert SRC DST [--image-size N] [--raw]``: a TF release to an HF-format directory.
+"""``python -m mnv1_backbone.convert SRC DST [--image-size N] [--raw] [--no-tf-padding]``: a TF release to HF files.
 
 SRC is a release archive (``mobilenet_v1_<alpha>_<res>[_quant].tgz``), a checkpoint prefix (or its ``.index``) or
 a frozen ``.pb``; DST receives ``config.json``, ``model.safetensors`` and ``preprocessor_config.json``, which
@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--raw", action="store_true", help="use the raw variables, not their ExponentialMovingAverage shadows"
     )
+    parser.add_argument(
+        "--no-tf-padding",
+        action="store_true",
+        help="the checkpoint was trained with use_explicit_padding=True (symmetric padding, VALID convolutions); "
+        "a checkpoint does not record its padding, so say it here",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what was mapped and what was ignored")
     return parser
 
@@ -42,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        report = convert_with_report(args.src, args.dst, image_size=args.image_size, prefer_ema=not args.raw)
+        report = convert_with_report(args.src, args.dst, image_size=args.image_size, prefer_ema=not args.raw,
+                                    tf_padding=not args.no_tf_padding)
     except (WeightsFormatError, ValueError, OSError) as err:
         # WeightsFormatError is a ValueError; OSError covers missing files and unwritable destinations.
         message = str(err).replace("\n", " ")
