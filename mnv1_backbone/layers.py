@@ -6,11 +6,15 @@ extra pixel after (bottom/right). For stride 1 and an odd kernel that is the sym
 PyTorch's `Conv2d(padding=...)` does, so only strided convs pad explicitly, and they do it with
 branch-free integer arithmetic on the input size, which `torch.fx`, TorchScript and `torch.export`
 all follow (Hugging Face's version uses Python `if`/`max` on sizes, which fx cannot trace).
+`tf_pad`, `tf_padded_conv2d` and `make_activation` are also what the OD-API detectors' units
+(`detection.odapi_ssd.ConvUnit`, `detection.odapi_fpn`) build on, so TF's padding lives here once.
 Module names (`convolution`, `normalization`, `activation`, `conv_stem`, `layer`) mirror Hugging
 Face's so state-dict keys are identical without renaming code.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -18,7 +22,15 @@ from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBatchNorm2d
 
 from .config import LayerPlan
 
-__all__ = ["ConvNormActivation", "FrozenBatchNorm2d", "build_trunk", "make_activation", "tf_same_padding"]
+__all__ = [
+    "ConvNormActivation",
+    "FrozenBatchNorm2d",
+    "build_trunk",
+    "make_activation",
+    "tf_pad",
+    "tf_padded_conv2d",
+    "tf_same_padding",
+]
 
 
 def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
@@ -34,21 +46,72 @@ def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> t
     return before, total - before
 
 
-def make_activation(name: str) -> nn.Module:
-    """The activation module for a Hugging Face `hidden_act` name."""
-    activations = {
-        "relu6": lambda: nn.ReLU6(inplace=True),
-        "relu": lambda: nn.ReLU(inplace=True),
-        "silu": nn.SiLU,
-        "swish": nn.SiLU,
-        "gelu": nn.GELU,
-        "hardswish": nn.Hardswish,
-        "tanh": nn.Tanh,
-        "sigmoid": nn.Sigmoid,
-    }
-    if name not in activations:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(activations)}")
-    return activations[name]()
+def tf_pad(x: Tensor, kernel_size: int, stride: int = 1, dilation: int = 1, explicit: bool = False) -> Tensor:
+    """Pad `x` as TF pads a conv: "SAME" (depends on the input size, extra pixel after), or with `explicit`
+    TF-slim's `fixed_padding` (symmetric, `(k_eff - 1) // 2` before, the rest after, whatever the size)."""
+    if explicit:
+        total = (kernel_size - 1) * dilation
+        before = total // 2
+        return F.pad(x, [before, total - before, before, total - before])
+    top, bottom = tf_same_padding(x.shape[-2], kernel_size, stride, dilation)
+    left, right = tf_same_padding(x.shape[-1], kernel_size, stride, dilation)
+    return F.pad(x, [left, right, top, bottom])
+
+
+def tf_padded_conv2d(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    dilation: int = 1,
+    groups: int = 1,
+    bias: bool = False,
+    tf_same: bool = True,
+) -> tuple[nn.Conv2d, bool]:
+    """A Conv2d padded like TF ("SAME", or symmetric = `fixed_padding`), and whether `forward` must `tf_pad` first.
+
+    Stride-1 "SAME" and symmetric padding are static (the conv's own `padding`); only a strided "SAME" conv
+    depends on the input size, so it gets `padding=0` and `True`.
+    """
+    effective = (kernel_size - 1) * dilation + 1
+    pad_at_runtime = tf_same and stride > 1
+    if pad_at_runtime and effective < stride:
+        raise ValueError(f"TF SAME padding needs kernel >= stride, got kernel {effective} and stride {stride}")
+    conv = nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=0 if pad_at_runtime else (effective - 1) // 2,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+    )
+    return conv, pad_at_runtime
+
+
+_ACTIVATIONS: dict[str, Callable[[bool], nn.Module]] = {
+    "relu6": lambda inplace: nn.ReLU6(inplace=inplace),
+    "relu": lambda inplace: nn.ReLU(inplace=inplace),
+    "silu": lambda inplace: nn.SiLU(),
+    "swish": lambda inplace: nn.SiLU(),
+    "gelu": lambda inplace: nn.GELU(),
+    "hardswish": lambda inplace: nn.Hardswish(),
+    "tanh": lambda inplace: nn.Tanh(),
+    "sigmoid": lambda inplace: nn.Sigmoid(),
+    "identity": lambda inplace: nn.Identity(),
+}
+
+
+def make_activation(name: str, inplace: bool = True) -> nn.Module:
+    """The activation module for a Hugging Face `hidden_act` name (or "identity").
+
+    `inplace` applies to ReLU and ReLU6 only; the OD-API units pass False (their modules always were).
+    """
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name](inplace)
 
 
 class ConvNormActivation(nn.Module):
@@ -83,32 +146,18 @@ class ConvNormActivation(nn.Module):
         activation: str = "relu6",
     ) -> None:
         super().__init__()
-        effective = (kernel_size - 1) * dilation + 1
-        # A stride-1 conv pads the same under both rules; only strided ones need padding at run time.
-        self.pad_at_runtime = tf_padding and stride > 1
-        if self.pad_at_runtime and effective < stride:
-            raise ValueError(f"TF SAME padding needs kernel >= stride, got kernel {effective} and stride {stride}")
         self.kernel_size = kernel_size
         self.stride = stride
         self.dilation = dilation
-        self.convolution = nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=0 if self.pad_at_runtime else (effective - 1) // 2,
-            dilation=dilation,
-            groups=groups,
-            bias=False,
+        self.convolution, self.pad_at_runtime = tf_padded_conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, dilation=dilation, groups=groups, tf_same=tf_padding
         )
         self.normalization = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
         self.activation = make_activation(activation)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pad_at_runtime:
-            top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride, self.dilation)
-            left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride, self.dilation)
-            x = F.pad(x, [left, right, top, bottom])
+            x = tf_pad(x, self.kernel_size, self.stride, self.dilation)
         return self.activation(self.normalization(self.convolution(x)))
 
 

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from ..backbone import MobileNetV1Backbone, block_output_name
 from ..errors import StateDictMismatchError, WeightsFormatError
-from ..layers import ConvNormActivation, init_weights, tf_same_padding
+from ..layers import ConvNormActivation, init_weights, make_activation, tf_pad
 
 __all__ = [
     "FPN_LEVEL_BLOCKS",
@@ -68,13 +68,7 @@ def _pad(x: Tensor, kernel_size: int, stride: int, padding: str) -> Tensor:
     depends on the size) or "none" (the input is already padded)."""
     if kernel_size == 1 or padding == "none":
         return x
-    if padding == "explicit":
-        before = (kernel_size - 1) // 2
-        after = kernel_size - 1 - before
-        return F.pad(x, [before, after, before, after])
-    top, bottom = tf_same_padding(x.shape[-2], kernel_size, stride)
-    left, right = tf_same_padding(x.shape[-1], kernel_size, stride)
-    return F.pad(x, [left, right, top, bottom])
+    return tf_pad(x, kernel_size, stride, explicit=padding == "explicit")
 
 
 class _TFConv(nn.Module):
@@ -134,7 +128,7 @@ class _FPNConv(nn.Module):
         super().__init__()
         self.convolution = _TFConv(in_channels, out_channels, 3, stride=stride, separable=separable, padding=padding)
         self.normalization = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
-        self.activation = nn.ReLU6()
+        self.activation = make_activation("relu6", inplace=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.activation(self.normalization(self.convolution(x)))

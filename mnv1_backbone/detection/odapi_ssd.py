@@ -24,15 +24,15 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..backbone import MobileNetV1Backbone
-from ..layers import tf_same_padding
+from ..layers import make_activation, tf_pad, tf_padded_conv2d
 
 __all__ = ["ConvUnit", "ODAPISSDNetwork", "TFVariable", "layer_depth"]
 
 EXTRA_LAYER_DEPTHS = (512, 256, 256, 128)
-_ACTIVATIONS = {"NONE": nn.Identity, "RELU": nn.ReLU, "RELU_6": nn.ReLU6}
+# The OD-API's `hyperparams.proto` activation names -> `make_activation` names.
+_ACTIVATIONS = {"NONE": "identity", "RELU": "relu", "RELU_6": "relu6"}
 
 
 def layer_depth(depth: float, depth_multiplier: float, min_depth: int) -> int:
@@ -75,25 +75,22 @@ class ConvUnit(nn.Module):
             raise ValueError(f"activation {activation!r} is not one of {sorted(_ACTIVATIONS)}")
         self.kernel_size = kernel_size
         self.stride = stride
-        self.pad_at_runtime = tf_same and stride > 1
         self.depthwise = depthwise
-        self.convolution = nn.Conv2d(
+        self.convolution, self.pad_at_runtime = tf_padded_conv2d(
             in_channels,
             out_channels,
             kernel_size,
             stride=stride,
-            padding=0 if self.pad_at_runtime else (kernel_size - 1) // 2,
             groups=in_channels if depthwise else 1,
             bias=not batch_norm,
+            tf_same=tf_same,
         )
         self.normalization = nn.BatchNorm2d(out_channels, eps=eps, momentum=1.0 - 0.9997) if batch_norm else None
-        self.activation = _ACTIVATIONS[activation]()
+        self.activation = make_activation(_ACTIVATIONS[activation], inplace=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pad_at_runtime:
-            top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)
-            left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)
-            x = F.pad(x, [left, right, top, bottom])
+            x = tf_pad(x, self.kernel_size, self.stride)
         x = self.convolution(x)
         if self.normalization is not None:
             x = self.normalization(x)
