@@ -1,13 +1,12 @@
 """Predictions drawn on pictures: boxes, category names and scores over each input image, saved as PNG.
 
 `predict_images` runs a trained detector on image files and draws the detections scoring at least a threshold
-with `torchvision.utils.draw_bounding_boxes`, one colour per category, into `<out>/<image stem>.png`; it also
-writes every drawn detection to `<out>/predictions.json`.
+with `mnv1_backbone.detection.drawing` (torchvision's `draw_bounding_boxes`, one colour per category) into
+`<out>/<image stem>.png`; it also writes every drawn detection to `<out>/predictions.json`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -19,7 +18,8 @@ import PIL.ImageOps
 import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as F
-from torchvision.utils import draw_bounding_boxes
+
+from mnv1_backbone.detection.drawing import draw_detection_boxes
 
 from .models import load_trained_model
 
@@ -28,9 +28,6 @@ __all__ = ["IMAGE_SUFFIXES", "collect_images", "draw_detections", "predict_image
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-# Distinct, readable colours (matplotlib's tab10); category k gets colour k - 1 modulo 10.
-_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-            "#17becf")
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -55,29 +52,10 @@ def draw_detections(image: torch.Tensor, detection: dict[str, torch.Tensor], cat
     boxes, scores, labels = detection["boxes"][keep].cpu(), detection["scores"][keep].cpu(), detection["labels"][keep]
     labels = labels.cpu().tolist()
     captions = [f"{categories[label]} {score:.2f}" for label, score in zip(labels, scores.tolist(), strict=True)]
-    colours = [_PALETTE[(label - 1) % len(_PALETTE)] for label in labels]
-    side = min(image.shape[-2:])
-    font = _label_font()
-    drawn = image
-    if len(boxes):
-        # White text on a box-coloured band stays readable on any background.
-        drawn = draw_bounding_boxes(image, boxes, labels=captions, colors=colours, width=max(1, round(side / 160)),
-                                    font=font, font_size=max(9, round(side / 24)) if font else None,
-                                    label_colors="white", fill_labels=True)
+    drawn = draw_detection_boxes(image, boxes, labels, captions)
     found = [{"category": categories[label], "score": round(score, 4), "box_xyxy": [round(v, 1) for v in box]}
              for label, score, box in zip(labels, scores.tolist(), boxes.tolist(), strict=True)]
     return drawn, found
-
-
-@functools.cache
-def _label_font() -> str | None:
-    """A TrueType font for the captions (matplotlib's DejaVu Sans); None: PIL's small bitmap default."""
-    try:
-        from matplotlib import font_manager
-
-        return font_manager.findfont("DejaVu Sans", fallback_to_default=False)
-    except (ImportError, ValueError):
-        return None
 
 
 @torch.inference_mode()

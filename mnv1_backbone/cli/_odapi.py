@@ -10,7 +10,6 @@ names and the scores.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import tarfile
 from pathlib import Path
@@ -21,11 +20,6 @@ from ._common import CLIError, read_image
 __all__ = ["add_model_options", "is_odapi_model", "load_odapi", "run_convert", "run_detect"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-# matplotlib's tab10: label k gets colour k - 1 modulo 10, as the demo's pictures do.
-_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-            "#17becf")
-
-
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """The options that decide how an OD-API model is read (`detect --weights` and `convert`)."""
     parser.add_argument("--legacy-anchor-order", action="store_true",
@@ -111,37 +105,18 @@ def _collect_images(items: list[str]) -> list[Path]:
     return images
 
 
-@functools.cache
-def _label_font() -> str | None:
-    """A TrueType font for the captions (matplotlib's DejaVu Sans); None: PIL's small bitmap font."""
-    try:
-        from matplotlib import font_manager
-
-        return font_manager.findfont("DejaVu Sans", fallback_to_default=False)
-    except (ImportError, ValueError):
-        return None
-
-
 def draw_detections(image: Any, detection: dict[str, Any], id2label: dict[int, str]) -> tuple[Any, list[dict]]:
     """`image` (uint8 (3, H, W)) with every detection drawn and captioned "name score"; and the detections as
     ``{"label", "category", "score", "box_xyxy"}`` dicts."""
-    from torchvision.utils import draw_bounding_boxes
+    from mnv1_backbone.detection.drawing import draw_detection_boxes
 
     boxes, scores = detection["boxes"].detach().cpu(), detection["scores"].detach().cpu().tolist()
     labels = detection["labels"].cpu().tolist()
     names = [id2label.get(label, f"class_{label}") for label in labels]
     found = [{"label": label, "category": name, "score": round(score, 4), "box_xyxy": [round(v, 1) for v in box]}
              for label, name, score, box in zip(labels, names, scores, boxes.tolist(), strict=True)]
-    if not found:
-        return image, found
-    side = min(image.shape[-2:])
-    font = _label_font()
-    drawn = draw_bounding_boxes(
-        image, boxes, labels=[f"{name} {score:.2f}" for name, score in zip(names, scores, strict=True)],
-        colors=[_PALETTE[(label - 1) % len(_PALETTE)] for label in labels], width=max(1, round(side / 160)),
-        font=font, font_size=max(9, round(side / 24)) if font else None, label_colors="white", fill_labels=True,
-    )
-    return drawn, found
+    captions = [f"{name} {score:.2f}" for name, score in zip(names, scores, strict=True)]
+    return draw_detection_boxes(image, boxes, labels, captions), found
 
 
 def run_detect(args: argparse.Namespace) -> int:
