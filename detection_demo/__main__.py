@@ -285,7 +285,7 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 def _device(device: str) -> str:
-    from .train import resolve_device
+    from .distributed import resolve_device
 
     return str(resolve_device(device))
 

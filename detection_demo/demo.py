@@ -42,10 +42,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .distributed import resolve_device
 from .evaluate import evaluate_checkpoint
 from .predict import predict_images
 from .synthetic import generate_dataset
-from .train import TrainConfig, resolve_device, train
+from .train import TrainConfig, train
 
 __all__ = ["DEMO_DATASET", "DEMO_RECIPE", "run_demo"]
 

@@ -27,6 +27,7 @@ __all__ = [
     "CollectiveError",
     "DistributedContext",
     "all_reduce_sum",
+    "resolve_device",
     "barrier",
     "broadcast_from_main",
     "distributed_context",
@@ -90,7 +91,8 @@ def _env_int(name: str) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """`auto` (CUDA when there is one), or the device named, refused clearly when CUDA is asked for but absent."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
@@ -121,12 +123,12 @@ def distributed_context(device: str = "auto", *, backend: str | None = None,
     if dist.is_available() and dist.is_initialized():
         world_size = dist.get_world_size()
     if world_size <= 1:
-        yield DistributedContext(device=_resolve_device(device))
+        yield DistributedContext(device=resolve_device(device))
         return
 
     rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK")
     local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
-    resolved = _resolve_device(device)
+    resolved = resolve_device(device)
     if resolved.type == "cuda":
         if device not in ("auto", "cuda"):
             raise ValueError(f"under torchrun every process uses the GPU of its LOCAL_RANK; give --device cuda, "

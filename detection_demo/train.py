@@ -260,15 +260,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return resolved
-
-
 def find_resume_checkpoint(resume: str | None, output: Path) -> Path | None:
     """The checkpoint `resume` names: "auto" = `<output>/checkpoint_last.pt` if it exists; a path must exist."""
     if resume is None:
