@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_peer  # noqa: E402  (beside this file)
 
 from mnv1_backbone import MobileNetV1Backbone, MobileNetV1Config, MobileNetV1ForImageClassification  # noqa: E402
-from mnv1_backbone.inference import optimize_for_inference, quantize_int8  # noqa: E402
+from mnv1_backbone.inference import optimize_for_inference  # noqa: E402
+from mnv1_backbone.quantization import quantize_int8  # noqa: E402
 
 GFLOP_PER_IMAGE = 1.14  # 2 x 568.7 M multiply-adds at 224x224, alpha 1.0
 REFERENCE = "transformers eager"

@@ -9,8 +9,9 @@ from .classification import ClassifierOutput, MobileNetV1ForImageClassification,
 from .config import MobileNetV1Config
 from .errors import StateDictMismatchError, WeightsFormatError
 from .image_processing import MobileNetV1ImageProcessor, post_process_image_classification
-from .inference import optimize_for_inference, quantize_int8
+from .inference import optimize_for_inference
 from .labels import imagenet_id2label, imagenet_labels
+from .quantization import quantize_int8
 
 __version__ = "0.1.0"
 

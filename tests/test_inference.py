@@ -17,8 +17,9 @@ from mnv1_backbone import (
     MobileNetV1ImageProcessor,
     MobileNetV1Model,
 )
-from mnv1_backbone.inference import FoldedConvActivation, first_depthwise_layer, optimize_for_inference, quantize_int8
+from mnv1_backbone.inference import FoldedConvActivation, optimize_for_inference
 from mnv1_backbone.pretrained import find_bundled_frozen_graph
+from mnv1_backbone.quantization import first_depthwise_layer, quantize_int8
 
 DATA = Path(__file__).parent / "data"
 
@@ -207,24 +208,24 @@ def test_int8_convs_do_exact_integer_arithmetic(reduce_range: bool) -> None:
 
 
 def test_int8_activation_bits_follow_the_cpu(monkeypatch) -> None:
-    from mnv1_backbone import inference
+    from mnv1_backbone import quantization
 
-    monkeypatch.setattr(inference, "_cpu_has_avx512_vnni", lambda: True)
-    assert not inference.int8_needs_reduce_range("x86") and not inference.int8_needs_reduce_range("fbgemm")
-    monkeypatch.setattr(inference, "_cpu_has_avx512_vnni", lambda: False)
-    assert inference.int8_needs_reduce_range("x86") and inference.int8_needs_reduce_range("fbgemm")
-    assert not inference.int8_needs_reduce_range("qnnpack")
+    monkeypatch.setattr(quantization, "_cpu_has_avx512_vnni", lambda: True)
+    assert not quantization.int8_needs_reduce_range("x86") and not quantization.int8_needs_reduce_range("fbgemm")
+    monkeypatch.setattr(quantization, "_cpu_has_avx512_vnni", lambda: False)
+    assert quantization.int8_needs_reduce_range("x86") and quantization.int8_needs_reduce_range("fbgemm")
+    assert not quantization.int8_needs_reduce_range("qnnpack")
 
 
 @pytest.mark.filterwarnings("ignore")
 def test_int8_takes_the_cpu_path_unless_told(monkeypatch) -> None:
     """reduce_range=None asks the CPU: without AVX512-VNNI every ReLU6 clips at 127 steps (7 bits)."""
-    from mnv1_backbone import inference
+    from mnv1_backbone import quantization
 
     backbone = randomize(MobileNetV1Backbone((5,), depth_multiplier=0.25), seed=7)
     images = [torch.rand(1, 3, 64, 64) * 2 - 1]
     for vnni, seven_bit in ((False, 9), (True, 4)):  # layers 1-9 quantized; 1, 3, 5, 7 feed depthwise convs
-        monkeypatch.setattr(inference, "_cpu_has_avx512_vnni", lambda vnni=vnni: vnni)
+        monkeypatch.setattr(quantization, "_cpu_has_avx512_vnni", lambda vnni=vnni: vnni)
         quantized = quantize_int8(backbone, images)
         clipped = [
             module.max_val / quantized.model.get_submodule(name.replace("activation", "convolution")).scale

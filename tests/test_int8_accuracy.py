@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from mnv1_backbone import MobileNetV1ForImageClassification, MobileNetV1ImageProcessor
-from mnv1_backbone.inference import quantize_int8
 from mnv1_backbone.pretrained import find_bundled_frozen_graph
+from mnv1_backbone.quantization import quantize_int8
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torch announces the end of quantized tensors
 

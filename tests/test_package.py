@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "mnv1_backbone.backbone": 3,
     "mnv1_backbone.classification": 3,
     "mnv1_backbone.inference": 4,
+    "mnv1_backbone.quantization": 4,
     "mnv1_backbone.detection": 4,  # and every module of the detection/ package
     "mnv1_backbone": 5,  # the package's __init__ re-exports the public API
     "mnv1_backbone.cli": 5,  # and every command module
