@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .classification import TFSlimAvgPool
-from .layers import ConvNormActivation, FrozenBatchNorm2d, tf_same_padding
+from .layers import ConvNormActivation, FrozenBatchNorm2d, tf_pad
 
 __all__ = [
     "FoldedConvActivation",
@@ -95,9 +95,7 @@ class FoldedConvActivation(nn.Module):
             y = F.linear(x.permute(0, 2, 3, 1), weight, self.convolution.bias)
             return self.activation(y).permute(0, 3, 1, 2)
         if self.pad_at_runtime:
-            top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride, self.dilation)
-            left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride, self.dilation)
-            x = F.pad(x, [left, right, top, bottom])
+            x = tf_pad(x, self.kernel_size, self.stride, self.dilation)
         return self.activation(self.convolution(x))
 
 
