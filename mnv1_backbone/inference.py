@@ -48,9 +48,18 @@ class FoldedConvActivation(nn.Module):
             PyTorch's symmetric padding instead of TF's run-time padding. Only for odd kernels.
         pointwise_as_matmul: a 1x1 stride-1 conv given a channels-last input runs as a matrix product
             on its (N, H, W, C) view (same function, faster BLAS kernel); other inputs take the conv.
+        dtype: of the folded weights (default: the layer's); the fold is computed in float64 and rounded
+            once to it.
     """
 
-    def __init__(self, layer: ConvNormActivation, *, mirrored: bool = False, pointwise_as_matmul: bool = False) -> None:
+    def __init__(
+        self,
+        layer: ConvNormActivation,
+        *,
+        mirrored: bool = False,
+        pointwise_as_matmul: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         conv, norm = layer.convolution, layer.normalization
         if not isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):
@@ -69,7 +78,7 @@ class FoldedConvActivation(nn.Module):
             dilation=conv.dilation,
             groups=conv.groups,
             bias=True,
-        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        ).to(device=conv.weight.device, dtype=dtype or conv.weight.dtype)
         # Folded in float64 (float32 on MPS, which has no float64) and rounded once to the model's dtype: a
         # half-precision model would otherwise round the scale, the product and the bias each on their own.
         exact = torch.float32 if conv.weight.device.type == "mps" else torch.float64
@@ -119,7 +128,9 @@ def can_mirror(model: nn.Module) -> bool:
     return odd and bool(padded) and all(m.stride == 2 for m in padded)
 
 
-def fold_batch_norm(model: nn.Module, *, mirrored: bool = False, pointwise_as_matmul: bool = False) -> nn.Module:
+def fold_batch_norm(
+    model: nn.Module, *, mirrored: bool = False, pointwise_as_matmul: bool = False, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Replace every `ConvNormActivation` of `model` (in place) by its folded, inference-only form.
 
     With `mirrored`, the model then expects spatially flipped inputs and gives flipped maps (checked
@@ -131,7 +142,9 @@ def fold_batch_norm(model: nn.Module, *, mirrored: bool = False, pointwise_as_ma
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, ConvNormActivation):
-            folded = FoldedConvActivation(module, mirrored=mirrored, pointwise_as_matmul=pointwise_as_matmul)
+            folded = FoldedConvActivation(
+                module, mirrored=mirrored, pointwise_as_matmul=pointwise_as_matmul, dtype=dtype
+            )
             setattr(parent, child, folded)
         elif mirrored and isinstance(module, TFSlimAvgPool):
             setattr(parent, child, _Unmirrored(module))
@@ -144,6 +157,7 @@ def optimize_for_inference(
     *,
     channels_last: bool = True,
     compile: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """A faster copy of `model` for inference (eval mode, no training): see the module docstring.
 
@@ -156,34 +170,46 @@ def optimize_for_inference(
         channels_last: convert weights (and inputs, at run time) to channels-last; 1x1 convs become
             matrix products (eager only: Inductor prefers the convolutions it can fuse).
         compile: wrap with `torch.compile` and weight freezing (slow first call per input size).
+        dtype: compute in this floating dtype (opt-in `torch.bfloat16` for CPUs with AVX512-BF16 or AMX:
+            not the same function, see docs/performance.md for its accuracy); inputs are converted to it
+            and outputs back to the input's dtype. Default: the model's dtype.
     """
     if not any(isinstance(m, ConvNormActivation) for m in model.modules()):
         raise TypeError(f"{type(model).__name__} has no MobileNetV1 layers to optimise")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
     optimized = copy.deepcopy(model).eval()
     for parameter in optimized.parameters():
         parameter.requires_grad_(False)
     mirrored = can_mirror(optimized)
-    fold_batch_norm(optimized, mirrored=mirrored, pointwise_as_matmul=channels_last and not compile)
+    fold_batch_norm(optimized, mirrored=mirrored, pointwise_as_matmul=channels_last and not compile, dtype=dtype)
+    if dtype is not None:
+        optimized = optimized.to(dtype)  # the rest (classifier, ...); the folded convs already are
     if channels_last:
         optimized = optimized.to(memory_format=torch.channels_last)
-    fast = _Optimized(optimized, mirrored=mirrored, channels_last=channels_last, compile=compile)
+    fast = _Optimized(optimized, mirrored=mirrored, channels_last=channels_last, compile=compile, dtype=dtype)
     if compile and example_input is not None:
         with torch.inference_mode():
             fast(example_input)
     return fast
 
 
-def _unmirror(output):
-    """Flip every (N, C, H, W) tensor of a model output (tensor, NamedTuple, dict, list) back."""
+def _map_tensors(output, fn):
+    """Apply `fn` to every tensor of a model output (tensor, NamedTuple, dict, list)."""
     if isinstance(output, Tensor):
-        return output.flip(-2, -1) if output.dim() == 4 else output
+        return fn(output)
     if isinstance(output, dict):
-        return type(output)((key, _unmirror(value)) for key, value in output.items())
+        return type(output)((key, _map_tensors(value, fn)) for key, value in output.items())
     if isinstance(output, tuple) and hasattr(output, "_fields"):
-        return type(output)(*(_unmirror(value) for value in output))
+        return type(output)(*(_map_tensors(value, fn) for value in output))
     if isinstance(output, (list, tuple)):
-        return type(output)(_unmirror(value) for value in output)
+        return type(output)(_map_tensors(value, fn) for value in output)
     return output
+
+
+def _unmirror(output):
+    """Flip every (N, C, H, W) tensor of a model output back."""
+    return _map_tensors(output, lambda t: t.flip(-2, -1) if t.dim() == 4 else t)
 
 
 class _Optimized(nn.Module):
@@ -192,11 +218,14 @@ class _Optimized(nn.Module):
     Attributes the wrapped model has (`config`, `feature_info`, ...) read through.
     """
 
-    def __init__(self, model: nn.Module, *, mirrored: bool, channels_last: bool, compile: bool) -> None:
+    def __init__(
+        self, model: nn.Module, *, mirrored: bool, channels_last: bool, compile: bool, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.mirrored = mirrored
         self.channels_last = channels_last
+        self.dtype = dtype
         self.compiled = torch.compile(self.run) if compile else None
 
     def __getattr__(self, name: str):
@@ -211,12 +240,18 @@ class _Optimized(nn.Module):
             raise TypeError(f"expected a 4-D (batch, channels, height, width) tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"expected a 4-D (batch, channels, height, width) tensor, got shape {list(x.shape)}")
+        input_dtype = x.dtype
         if self.mirrored:
             x = x.flip(-2, -1)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # One copy for both the cast and the layout change.
+        layout = torch.channels_last if self.channels_last else torch.preserve_format
+        x = x.to(dtype=self.dtype or x.dtype, memory_format=layout)
         output = self.model(x, *args, **kwargs)
-        return _unmirror(output) if self.mirrored else output
+        if self.mirrored:
+            output = _unmirror(output)
+        if self.dtype is not None and self.dtype != input_dtype and input_dtype.is_floating_point:
+            output = _map_tensors(output, lambda t: t.to(input_dtype) if t.is_floating_point() else t)
+        return output
 
     def forward(self, x: Tensor, *args, **kwargs):
         if self.compiled is None:

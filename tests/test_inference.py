@@ -304,6 +304,46 @@ def test_fast_path_keeps_the_model_dtype(dtype: torch.dtype) -> None:
     assert (got.float() - exact).abs().max() <= 2 * (eager.float() - exact).abs().max() + 1e-3
 
 
+def test_bfloat16_fast_path_folds_once_and_gives_back_float32() -> None:
+    """dtype=torch.bfloat16: weights folded in float64 and rounded once to bfloat16; inputs cast in, outputs
+    (every map of a backbone) cast back to the caller's float32."""
+    backbone = randomize(MobileNetV1Backbone((3, 5), depth_multiplier=0.25), seed=9)
+    x = torch.randn(1, 3, 64, 64)
+    fast = optimize_for_inference(backbone, x, dtype=torch.bfloat16)
+    folded = optimize_for_inference(backbone.double(), channels_last=False)
+    assert {parameter.dtype for parameter in fast.parameters()} == {torch.bfloat16}
+    for got, exact in zip(fast.modules(), folded.modules(), strict=True):
+        if isinstance(got, FoldedConvActivation):
+            assert torch.equal(got.convolution.weight, exact.convolution.weight.to(torch.bfloat16))
+            assert torch.equal(got.convolution.bias, exact.convolution.bias.to(torch.bfloat16))
+    with torch.no_grad():
+        got, expected = fast(x), backbone(x.double())
+    assert list(got) == list(expected)
+    for key in expected:
+        assert got[key].dtype == torch.float32
+        cosine = torch.nn.functional.cosine_similarity(got[key].flatten().double(), expected[key].flatten(), dim=0)
+        assert 0.99 < cosine < 1 - 1e-7, (key, cosine)  # close to float, and really computed in bfloat16
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        optimize_for_inference(backbone, dtype=torch.int8)
+
+
+@pytest.mark.skipif(find_bundled_frozen_graph() is None, reason="needs the real weights (nudity wheel)")
+def test_bfloat16_fast_path_on_real_photos() -> None:
+    """bfloat16 is an opt-in approximation, held to what it measured: on the two photos logit cosine 0.9991 and
+    0.9981 to float32 and the same top-1 (19 photos: 19/19 top-1, mean cosine 0.9955, benchmarks/bf16_accuracy.py)."""
+    model = MobileNetV1ForImageClassification.from_tf(find_bundled_frozen_graph()).eval()
+    photos = [Image.open(DATA / "chelsea.png"), Image.open(DATA / "coffee.png")]
+    x = MobileNetV1ImageProcessor()(photos)["pixel_values"]
+    fast = optimize_for_inference(model, x, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got, reference = fast(x).logits, model(x).logits
+    assert got.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(got, reference)
+    assert cosine.min() > 0.997, cosine
+    assert got.argmax(-1).tolist() == reference.argmax(-1).tolist() == [282, 968]
+    assert (got - reference).abs().max() > 1e-2  # not silently float32
+
+
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.skipif(find_bundled_frozen_graph() is None, reason="needs the real weights (nudity wheel)")
 def test_fast_path_exports_to_onnx_without_pad_or_batch_norm(tmp_path) -> None:
