@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterable
 
 import torch
@@ -70,11 +71,13 @@ def quantize_int8(
     float32 fast path: 51 ms against 23 ms per image on 2 cores). ReLU6 outputs are quantized over at
     most [0, 6], as TF-Lite does.
 
-    Activation bits follow the CPU (see `int8_needs_reduce_range`): fbgemm without AVX512-VNNI sums
-    u8 x s8 pairs in saturating int16, so every activation gets 7 bits there; with AVX512-VNNI the dense
-    (pointwise) convs take 8-bit inputs, while inputs of depthwise convs stay at 7 bits on every CPU,
-    as fbgemm's depthwise kernels saturate in int16 even with VNNI (measured). Bias correction removes the
-    mean output shift that rounding the weights causes; it is what lifts the depthwise layers most.
+    Bits are spent where they matter, within what fbgemm computes exactly. Its depthwise kernels on every
+    CPU, and all its kernels on CPUs without AVX512-VNNI, sum pairs of u8 x s8 products in saturating int16:
+    8-bit inputs need 7-bit weights there, or 7-bit inputs 8-bit weights. A depthwise conv sums only 9
+    products per output, so its input rounding is not averaged away: its inputs get 8 bits and its weights 7
+    (-63..63), on every CPU. A pointwise conv sums 64 to 1024 products: its inputs get 7 bits and its
+    weights 8 where the CPU lacks VNNI (`reduce_range`, see `int8_needs_reduce_range`), 8 and 8 where it has
+    it. Bias correction removes the mean output shift that rounding the weights causes.
 
     Args:
         model: a classifier, bare model or backbone (float32, eval mode).
@@ -86,8 +89,8 @@ def quantize_int8(
             of its input and loses the most to 8-bit weights of any layer; keeping the stem too moves the
             first rounding past it; a float classifier gives float logits, where 8-bit logits tied the
             top two classes of close calls. Together 2.7% of the multiply-adds.
-        reduce_range: 7-bit activations everywhere (True), 8 bits into dense convs (False), or chosen
-            for this CPU (None). True on a VNNI CPU reproduces the AVX2 path's arithmetic.
+        reduce_range: 7-bit inputs into dense (pointwise) convs and the classifier (True), 8 bits (False),
+            or chosen for this CPU (None). True on a VNNI CPU computes what the AVX2 path computes.
         bias_correction: correct each quantized layer's bias for the mean shift from rounding its weights
             (measured on the calibration images).
 
@@ -126,21 +129,15 @@ def quantize_int8(
         _correct_biases(float_model, inputs, skip=kept)
     if reduce_range is None:
         reduce_range = int8_needs_reduce_range(backend)
-    other = {type(m.activation).__name__ for m in float_model.modules() if isinstance(m, FoldedConvActivation)}
-    other -= {"ReLU6"}
-    if not reduce_range and other and backend in ("x86", "fbgemm"):
-        # Only ReLU6 outputs are observed and clipped per consumer (7 bits into depthwise convs, whose fbgemm
-        # kernels saturate in int16 on every CPU); with other activations keep 7 bits everywhere.
-        logger.info("int8 with %s activations: 7-bit activations everywhere", sorted(other))
-        reduce_range = True
     qconfig_mapping = get_default_qconfig_mapping(backend)
     activation = HistogramObserver.with_args(reduce_range=reduce_range)
-    qconfig_mapping.set_global(QConfig(activation=activation, weight=qconfig_mapping.global_qconfig.weight))
+    qconfig_mapping.set_global(QConfig(activation=activation, weight=_weight_observer(-128, 127)))
     for name in float_layers:
         qconfig_mapping.set_module_name(f"model.{name}", None)
     example = batches[0].flip(-2, -1) if mirrored else batches[0]
     prepared = prepare_fx(_MainOutput(float_model), qconfig_mapping, example_inputs=(example,))
     seven_bit = _observe_relu6_outputs(prepared, reduce_range)
+    _seven_bit_depthwise_weights(prepared)
     with torch.no_grad():
         for batch in inputs:
             prepared(batch)
@@ -161,9 +158,9 @@ def _observe_relu6_outputs(prepared: torch.fx.GraphModule, reduce_range: bool) -
     pre-activation range (often [-30, 30]) and leave ~15 of 128 levels for [0, 6]; observing the
     clamped values instead lifts logit cosine from ~0.85 to ~0.98 on real photos.
 
-    A ReLU6 whose output feeds a depthwise conv gets 7 bits whatever `reduce_range` says: fbgemm's
-    depthwise kernels sum u8 x s8 pairs in saturating int16 even on CPUs with AVX512-VNNI (measured: with
-    8-bit inputs they were off by up to 150 output steps, on real photos). Returns those ReLU6s' names.
+    With `reduce_range`, a ReLU6 whose output reaches anything but depthwise convs (or the model's output) gets
+    7 bits: a pointwise conv, or the classifier after pooling. Depthwise inputs keep 8 bits (their weights get
+    7, see `_seven_bit_depthwise_weights`). Returns the names of the 7-bit ReLU6s.
     """
     from torch.ao.quantization.observer import ObserverBase
 
@@ -172,19 +169,21 @@ def _observe_relu6_outputs(prepared: torch.fx.GraphModule, reduce_range: bool) -
             return prepared.get_submodule(str(node.target))
         return None
 
-    def feeds_depthwise(node: torch.fx.Node) -> bool:
+    def only_depthwise_after(node: torch.fx.Node) -> bool:
+        """Whether every consumer of `node`'s value (through observers and ReLU6) is a depthwise conv or the output."""
         for user in node.users:
             consumer = module(user)
-            if isinstance(consumer, (ObserverBase, nn.ReLU6)) and feeds_depthwise(user):
-                return True
-            if isinstance(consumer, nn.Conv2d) and consumer.groups > 1:
-                return True
-        return False
+            if isinstance(consumer, (ObserverBase, nn.ReLU6)):
+                if not only_depthwise_after(user):
+                    return False
+            elif not (user.op == "output" or (isinstance(consumer, nn.Conv2d) and consumer.groups > 1)):
+                return False
+        return True
 
     seven_bit = {
         str(node.target)
         for node in prepared.graph.nodes
-        if isinstance(module(node), nn.ReLU6) and (reduce_range or feeds_depthwise(node))
+        if isinstance(module(node), nn.ReLU6) and reduce_range and not only_depthwise_after(node)
     }
     for node in prepared.graph.nodes:
         if not isinstance(module(node), ObserverBase):
@@ -200,39 +199,86 @@ def _observe_relu6_outputs(prepared: torch.fx.GraphModule, reduce_range: bool) -
     return seven_bit
 
 
+# fbgemm's int16 pair sums hold |a1 * w1 + a2 * w2| <= 32767: 8-bit inputs (0..255) with these 7-bit weights
+# reach 32130; 7-bit inputs (0..127) with 8-bit weights (-128..127) reach 32512.
+DEPTHWISE_WEIGHT_RANGE = (-63, 63)
+DENSE_WEIGHT_RANGE = (-128, 127)
+
+
+def _weight_observer(quant_min: int, quant_max: int):
+    """Per-channel symmetric int8 weights within [quant_min, quant_max]."""
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
+
+    return PerChannelMinMaxObserver.with_args(
+        dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=quant_min, quant_max=quant_max
+    )
+
+
+def _weight_range(conv: nn.Conv2d) -> tuple[int, int]:
+    return DEPTHWISE_WEIGHT_RANGE if conv.groups > 1 else DENSE_WEIGHT_RANGE
+
+
+def _seven_bit_depthwise_weights(prepared: torch.fx.GraphModule) -> None:
+    """Give every quantized depthwise conv 7-bit weights (`DEPTHWISE_WEIGHT_RANGE`), so its 8-bit inputs cannot
+    saturate fbgemm's int16 sums.
+
+    Set on each module's qconfig after `prepare_fx`, which is where `convert_fx` makes its weight observer: a
+    qconfig of its own before `prepare_fx` would also give the conv an input observer of its own, apart from
+    the ReLU6 observer that `_observe_relu6_outputs` sets (measured: logit cosine 0.97 instead of 0.998).
+    """
+    from torch.ao.quantization import QConfig
+
+    for module in prepared.modules():
+        qconfig = getattr(module, "qconfig", None)
+        # Conv followed by ReLU is fused (ConvReLU2d, a Sequential) and quantized as one module.
+        conv = module[0] if isinstance(module, nn.Sequential) and len(module) else module
+        if isinstance(conv, nn.Conv2d) and conv.groups > 1 and qconfig is not None:
+            module.qconfig = QConfig(activation=qconfig.activation, weight=_weight_observer(*DEPTHWISE_WEIGHT_RANGE))
+
+
 def _clip_relu6_to_quantized_range(quantized: torch.fx.GraphModule, seven_bit: set[str]) -> int:
-    """Clip each ReLU6 at the top of the range its output is quantized to, not at 6.
+    """Clip each ReLU6 at the top of the range its output is quantized to, not at 6, or drop it where that is free.
 
     With `reduce_range` a uint8 tensor still holds 0..255, so a value above the calibrated maximum would reach the
     next conv as more than 7 bits, where AVX2's int16 pair sums can overflow. Clipping at 127 steps (what a
-    quantizer does at its range's end anyway) makes the 7-bit bound hold for every input.
+    quantizer does at its range's end anyway) makes the 7-bit bound hold for every input. An 8-bit ReLU6 after a
+    quantized conv does nothing: the conv's requantization already clamps to [0, 255 steps], within [0, 6]
+    (its observer saw the clamped values); it goes (it cost 7% of the int8 model's time at batch 1).
+    Returns the number of ReLU6s clipped or dropped.
     """
 
-    def output_scale(node: torch.fx.Node) -> float | None:
+    def output_range(node: torch.fx.Node) -> tuple[float, bool] | None:
+        """(scale of the uint8 tensor the ReLU6's output becomes, whether a quantized conv computed it)."""
         source = node.args[0]
         if isinstance(source, torch.fx.Node) and source.op == "call_module":
             conv = quantized.get_submodule(str(source.target))  # a quantized conv keeps its output qparams
             if hasattr(conv, "scale") and int(conv.zero_point) == 0:
-                return float(conv.scale)
+                return float(conv.scale), True
         for user in node.users:  # a float ReLU6 (a layer left in float) feeding the next quantized layer
             if user.op == "call_function" and user.target is torch.quantize_per_tensor:
                 scale, zero_point = (getattr(quantized, str(arg.target)) for arg in user.args[1:3])
                 if int(zero_point) == 0:
-                    return float(scale)
+                    return float(scale), False
         return None
 
-    clipped = 0
+    changed = 0
     for node in quantized.graph.nodes:
         if node.op != "call_module" or not isinstance(quantized.get_submodule(str(node.target)), nn.ReLU6):
             continue
-        scale = output_scale(node)
-        if scale is not None:
-            parent, _, child = str(node.target).rpartition(".")
-            owner = quantized.get_submodule(parent) if parent else quantized
-            quant_max = 127 if str(node.target) in seven_bit else 255
-            setattr(owner, child, nn.Hardtanh(0.0, min(6.0, quant_max * scale), inplace=True))
-            clipped += 1
-    return clipped
+        found = output_range(node)
+        if found is None:
+            continue
+        scale, requantized = found
+        parent, _, child = str(node.target).rpartition(".")
+        owner = quantized.get_submodule(parent) if parent else quantized
+        if str(node.target) in seven_bit:
+            setattr(owner, child, nn.Hardtanh(0.0, min(6.0, 127 * scale), inplace=True))
+        elif requantized and 255 * scale <= 6.0 * (1 + 1e-6):
+            setattr(owner, child, nn.Identity())
+        else:
+            setattr(owner, child, nn.Hardtanh(0.0, min(6.0, 255 * scale), inplace=True))
+        changed += 1
+    return changed
 
 
 class _ReLU6RangeObserver(MinMaxObserver):
@@ -261,19 +307,21 @@ def _cpu_has_avx512_vnni() -> bool:
 
 
 def int8_needs_reduce_range(backend: str = "x86") -> bool:
-    """Whether `backend`'s int8 kernels on this CPU need 7-bit activations (`reduce_range`).
+    """Whether `backend`'s int8 kernels on this CPU need 7-bit inputs into dense convs (`reduce_range`).
 
     fbgemm (the x86 backend) without AVX512-VNNI multiplies u8 activations by s8 weights with `vpmaddubsw`,
-    which sums pairs of products into saturating int16: 8-bit activations overflow it. With AVX512-VNNI its
-    kernels use `vpdpbusd`, which sums into int32, and 8 bits are safe. fbgemm has AVX2, AVX512 and
+    which sums pairs of products into saturating int16: 8-bit inputs with 8-bit weights overflow it. With
+    AVX512-VNNI its dense kernels use `vpdpbusd`, which sums into int32. fbgemm has AVX2, AVX512 and
     AVX512-VNNI kernels only, so a CPU with AVX-VNNI but no AVX-512 (Alder Lake and later client chips) still
-    takes the AVX2 path. qnnpack (ARM) and onednn do not need it.
+    takes the AVX2 path; `FBGEMM_ENABLE_INSTRUCTIONS` (AVX2, AVX512, AVX512_256) makes fbgemm take its
+    pre-VNNI kernels on any CPU. qnnpack (ARM) and onednn do not need it.
     """
     if backend not in ("x86", "fbgemm"):
         return False
     # Asked of the hardware, as fbgemm does, and not of `torch.backends.cpu.get_cpu_capability()`: that names the
     # vector width of ATen's own kernels ("AVX512" with or without VNNI) and follows ATEN_CPU_CAPABILITY.
-    return not _cpu_has_avx512_vnni()
+    forced = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper()
+    return not _cpu_has_avx512_vnni() or forced in ("AVX2", "AVX512", "AVX512_256")
 
 
 def _per_channel_statistics(model: nn.Module, batches: list[Tensor]) -> dict[nn.Module, tuple[Tensor, Tensor]]:
@@ -308,11 +356,9 @@ def _correct_biases(model: nn.Module, batches: list[Tensor], skip: set[nn.Module
 
     Rounding a layer's weights by dW shifts its output by dW applied to the input; on average, by dW summed over
     the kernel times each input channel's mean. Depthwise kernels (a 30 in the centre and taps below 1) lose
-    the most. The rounding is the one the int8 conversion does (per-channel symmetric, 8 bits); the means
+    the most. The rounding is the one the int8 conversion does (per-channel symmetric, `_weight_range` bits); the means
     come from the calibration data (Nagel et al. 2019, empirical bias correction). Returns the layers corrected.
     """
-    from torch.ao.quantization.observer import PerChannelMinMaxObserver
-
     statistics = _per_channel_statistics(model, batches)
     corrected = 0
     with torch.no_grad():
@@ -320,10 +366,13 @@ def _correct_biases(model: nn.Module, batches: list[Tensor], skip: set[nn.Module
             if module in skip:
                 continue
             conv = module.convolution
-            observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+            quant_min, quant_max = _weight_range(conv)
+            observer = _weight_observer(quant_min, quant_max)(ch_axis=0)
             observer(conv.weight)
             scale, zero_point = observer.calculate_qparams()
-            rounded = torch.fake_quantize_per_channel_affine(conv.weight, scale, zero_point.int(), 0, -128, 127)
+            rounded = torch.fake_quantize_per_channel_affine(
+                conv.weight, scale, zero_point.int(), 0, quant_min, quant_max
+            )
             error = (rounded - conv.weight).sum((2, 3))  # (out, in / groups)
             if conv.groups == 1:
                 shift = error @ input_mean
