@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as F
 
+from mnv1_backbone._io import IMAGE_SUFFIXES, collect_images
 from mnv1_backbone.detection.drawing import draw_detection_boxes
 
 from .models import load_trained_model
@@ -26,24 +27,6 @@ from .models import load_trained_model
 __all__ = ["IMAGE_SUFFIXES", "collect_images", "draw_detections", "predict_images"]
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named by `inputs`: files as given, folders expanded to their images (sorted)."""
-    images: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            images += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            images.append(item)
-        else:
-            raise FileNotFoundError(f"no such image or folder: {item}")
-    if not images:
-        raise ValueError(f"no images found in {[str(i) for i in inputs]}")
-    return images
-
 
 def draw_detections(image: torch.Tensor, detection: dict[str, torch.Tensor], categories: Sequence[str],
                     score_threshold: float) -> tuple[torch.Tensor, list[dict[str, Any]]]:

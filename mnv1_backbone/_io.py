@@ -1,11 +1,11 @@
-"""Small file helpers shared by every writer: atomic replacement so a crash never leaves half a file."""
+"""Small file helpers: atomic replacement so a crash never leaves half a file; the image files a command is given."""
 
 from __future__ import annotations
 
 import glob
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -62,3 +62,24 @@ def _process_exists(pid: int) -> bool:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named by `inputs`: files as given, folders expanded to their images (sorted).
+
+    Shared by `mnv1 detect` and the demo's `predict`. Raises FileNotFoundError for a path that does not exist and
+    ValueError when nothing is left."""
+    images: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            images += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            images.append(item)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {item}")
+    if not images:
+        raise ValueError(f"no images found in {[str(i) for i in inputs]}")
+    return images

@@ -165,6 +165,12 @@ def test_detect_and_convert_errors_are_one_line(tarball: Path, tmp_path: Path, c
     assert main(["detect", "--checkpoint", str(tarball), str(PHOTOS[0]), "--out", str(tmp_path / "o"),
                  "--legacy-anchor-order"]) == 1
     assert "are for OD-API models (--weights)" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    assert main(["detect", "--weights", str(tarball), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "o")]) == 1
+    assert f"no such image or folder: {tmp_path / 'nope.jpg'}" in capsys.readouterr().err
+    empty.mkdir()
+    assert main(["detect", "--weights", str(tarball), str(empty), "--out", str(tmp_path / "o")]) == 1
+    assert "no images found in" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["detect", str(PHOTOS[0]), "--out", str(tmp_path / "o")])  # neither --weights nor --checkpoint
     assert exit_info.value.code == 2

@@ -15,6 +15,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from .._io import collect_images
 from ._common import CLIError, read_image
 
 __all__ = ["add_model_options", "is_odapi_model", "load_odapi", "run_convert", "run_detect"]
@@ -93,18 +94,6 @@ def load_odapi(path: str | Path, *, legacy_anchor_order: bool = False, label_map
     return from_tf_object_detection(path, legacy_anchor_order=legacy_anchor_order, label_map=label_map, **overrides)
 
 
-def _collect_images(items: list[str]) -> list[Path]:
-    images: list[Path] = []
-    for item in map(Path, items):
-        if item.is_dir():
-            images += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            images.append(item)
-    if not images:
-        raise CLIError(f"no images found in {items}")
-    return images
-
-
 def draw_detections(image: Any, detection: dict[str, Any], id2label: dict[int, str]) -> tuple[Any, list[dict]]:
     """`image` (uint8 (3, H, W)) with every detection drawn and captioned "name score"; and the detections as
     ``{"label", "category", "score", "box_xyxy"}`` dicts."""
@@ -125,7 +114,7 @@ def run_detect(args: argparse.Namespace) -> int:
     import torch
     from torchvision.transforms.v2 import functional as F
 
-    images = _collect_images(args.images)
+    images = collect_images(args.images)
     for path in images:  # fail on a bad image before reading the model (not kept: a folder may be large)
         read_image(str(path))
     out = Path(args.out)
