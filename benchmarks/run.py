@@ -50,9 +50,16 @@ REFERENCE = "transformers eager"
 
 
 def time_interleaved(
-    cases: dict[str, Callable[[], object]], warmup: int, rounds: int, inference: bool = True
+    cases: dict[str, Callable[[], object]], warmup: int, rounds: int, inference: bool = True, settle: int = 1
 ) -> dict[str, float]:
-    """Median milliseconds per case, timing the cases in turn in each round."""
+    """Median milliseconds per case, timing the cases in turn in each round.
+
+    Each case first runs `settle` untimed calls in its turn: the thread pool of the case before it (torch's
+    OpenMP workers, onnxruntime's intra-op pool) keeps spinning for a while after its call returns, and on
+    two cores that spinning took the next case's cores (torch's fast path measured 632 ms instead of 13 ms
+    right after two onnxruntime sessions, onnxruntime 1.4x slower right after torch). One untimed call
+    gives the times each case has when run alone (docs/performance.md, "Against ONNX Runtime").
+    """
     times: dict[str, list[float]] = {name: [] for name in cases}
     with torch.inference_mode(inference):
         for fn in cases.values():
@@ -60,6 +67,8 @@ def time_interleaved(
                 fn()
         for _ in range(rounds):
             for name, fn in cases.items():
+                for _ in range(settle):
+                    fn()
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
@@ -342,13 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, no torch.compile case")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per group (default 30, quick 8)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per group (default 20, quick 8)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs of each case first (default 5, quick 2)")
     parser.add_argument("--skip-detection", action="store_true", help="leave out the SSDLite rows")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="add CUDA float16/bfloat16 cases")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results.json", help="JSON output")
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (8 if args.quick else 30)
+    args.rounds = args.rounds or (8 if args.quick else 20)
     args.warmup = args.warmup or (2 if args.quick else 5)
     unavailable = onnx_peer.available()
     torch.set_num_threads(args.threads)
