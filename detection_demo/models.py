@@ -20,6 +20,7 @@ with `importlib.util.find_spec`, without importing `nudity` (whose import needs 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -88,20 +89,37 @@ def load_odapi_detector(
         if legacy_anchor_order and not model.legacy_anchor_order:
             raise ValueError(f"{path / ODAPI_CONFIG_NAME} records legacy_anchor_order false; the anchor order of a "
                              "converted model is fixed when it is converted")
-        # Rewrap the loaded network to apply the post-processing overrides, as from_tf_object_detection does.
-        model = ODAPISSDDetector(
-            model.config, model.network, legacy_anchor_order=model.legacy_anchor_order,
-            clip_before_nms=model.clip_before_nms if clip_before_nms is None else clip_before_nms,
-            id2label=model.id2label, score_thresh=score_thresh, nms_thresh=nms_thresh,
-            detections_per_img=detections_per_img)
-        if num_classes is not None and num_classes != model.num_classes:
-            model.reset_class_head(num_classes)
-        return model.eval()
-    overrides: dict[str, Any] = {name: value for name, value in (
-        ("num_classes", num_classes), ("score_thresh", score_thresh), ("nms_thresh", nms_thresh),
-        ("detections_per_img", detections_per_img)) if value is not None}
-    return detection.from_tf_object_detection(path, legacy_anchor_order=legacy_anchor_order,
-                                              clip_before_nms=clip_before_nms, **overrides)
+    else:
+        model = _read_tf_model(path, legacy_anchor_order)
+    # Rewrap the loaded network to apply the post-processing overrides, as from_tf_object_detection does.
+    model = ODAPISSDDetector(
+        model.config, model.network, legacy_anchor_order=model.legacy_anchor_order,
+        clip_before_nms=model.clip_before_nms if clip_before_nms is None else clip_before_nms,
+        id2label=model.id2label, score_thresh=score_thresh, nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img)
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_class_head(num_classes)
+    return model.eval()
+
+
+_last_tf_read: tuple[tuple, ODAPISSDDetector] | None = None
+
+
+def _read_tf_model(path: Path, legacy_anchor_order: bool) -> ODAPISSDDetector:
+    """`from_tf_object_detection(path)`, read once per process: `odapi_model_spec` reads the model for its config
+    and labels and the `odapi` builder then for its weights (seconds for a zoo model). A copy is returned, as the
+    callers change the class head; the file's size and modification time are part of the key. The clip order
+    is post-processing only: read with its default (from the model's date), the caller's is applied after."""
+    global _last_tf_read
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, legacy_anchor_order)
+    if _last_tf_read is None or _last_tf_read[0] != key:
+        # Building the network draws initial weights that the read then replaces: keep that off the global random
+        # state, so that a run draws the same numbers (class head, data order) whether this read was cached or not.
+        with torch.random.fork_rng(devices=[]):
+            model = detection.from_tf_object_detection(path, legacy_anchor_order=legacy_anchor_order)
+        _last_tf_read = (key, model)
+    return copy.deepcopy(_last_tf_read[1])
 
 
 def _class_head_keys(model: ODAPISSDDetector) -> set[str]:

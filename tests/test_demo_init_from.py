@@ -93,6 +93,26 @@ def test_same_number_of_classes_keeps_every_weight() -> None:
     assert "init_from" not in spec.for_inference().kwargs and rebuilt.config == model.config
 
 
+def test_spec_and_builder_read_the_tf_files_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spec reads the model for its config and labels, the builder for its weights: one read of the TF files;
+    and the builder's copy is not the spec's (fitting its class head leaves the cached read as it was)."""
+    from detection_demo import models
+
+    reads = []
+
+    def counting(*args, **kwargs):
+        reads.append(args[0])
+        return from_tf_object_detection(*args, **kwargs)
+
+    monkeypatch.setattr(models.detection, "from_tf_object_detection", counting)
+    monkeypatch.setattr(models, "_last_tf_read", None)
+    spec = odapi_model_spec(str(SSD), CATEGORY_NAMES, {i: i for i in range(1, 6)})
+    first, second = build_model(spec), build_model(spec)
+    assert reads == [SSD]
+    assert first.network is not second.network and first.num_classes == second.num_classes == 5
+    assert models._last_tf_read[1].num_classes == 4  # the read itself, untouched by the class head
+
+
 @pytest.mark.parametrize("folder", [SSD, FPN], ids=["ssd", "fpn"])
 def test_categories_named_like_imported_classes_keep_their_scores(folder: Path, tmp_path: Path) -> None:
     model_dir = tmp_path / "model"
