@@ -11,9 +11,13 @@ backbone that computes the same function (within float32 rounding, tested to 1e-
   outputs back: no `F.pad` (an allocation, a fill and a copy of every strided layer's input), at any
   input size. Global pooling does not care; TF-slim's VALID 7x7 pooling runs unflipped;
 * weights and activations use channels-last, which oneDNN's depthwise kernels prefer, and on which a
-  1x1 convolution is a plain matrix product: the pointwise layers (95% of the multiply-adds) then run
-  as `F.linear` on the (N, H, W, C) view, with no copy in or out: BLAS does them 1.23x faster than
-  oneDNN's 1x1 convolution at batch 1 on 2 AVX2 cores, though 0.85x at batch 8 (benchmarks/pointwise.py);
+  1x1 convolution is a plain matrix product: the pointwise layers (95% of the multiply-adds) can run
+  as `F.linear` on the (N, H, W, C) view, with no copy in or out. Which form is faster depends on the
+  CPU and the batch (benchmarks/pointwise.py, benchmarks/levers.py): on 2 AVX2 cores BLAS was 1.23x
+  faster than oneDNN's 1x1 convolution at batch 1 and 1.16x at batch 2 but 0.85x at batch 8; on 2
+  AVX-512 cores oneDNN's convolution won at batch 1 (1.18x) and 8 (1.11x). So on x86 CPUs the matrix
+  product is taken for batches up to 2 without AVX-512 and never with it (`_matmul_max_batch`),
+  chosen per call from the input's batch; elsewhere (not measured) it is always taken;
 * `compile=True` adds `torch.compile` (Inductor) with weight freezing, which pre-packs the weights and
   fuses ReLU6 into oneDNN's convolutions (the convolutions stay convolutions there).
 
@@ -23,6 +27,7 @@ int8 is `mnv1_backbone.quantization`, which quantizes this folded, mirrored netw
 from __future__ import annotations
 
 import copy
+import platform
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +52,8 @@ class FoldedConvActivation(nn.Module):
         mirrored: compute on spatially flipped inputs (see the module docstring): flipped kernel and
             PyTorch's symmetric padding instead of TF's run-time padding. Only for odd kernels.
         pointwise_as_matmul: a 1x1 stride-1 conv given a channels-last input runs as a matrix product
-            on its (N, H, W, C) view (same function, faster BLAS kernel); other inputs take the conv.
+            on its (N, H, W, C) view (same function, another kernel); other inputs take the conv, and so
+            do batches larger than the attribute `matmul_max_batch` (None, the default: any batch).
         dtype: of the folded weights (default: the layer's); the fold is computed in float64 and rounded
             once to it.
     """
@@ -88,6 +94,7 @@ class FoldedConvActivation(nn.Module):
             self.convolution.weight.copy_(weight.flip(-2, -1) if mirrored else weight)
             self.convolution.bias.copy_(norm.bias.detach().to(exact) - norm.running_mean.to(exact) * scale)
         self.activation = layer.activation
+        self.matmul_max_batch: int | None = None
         self.pointwise_as_matmul = (
             pointwise_as_matmul
             and conv.kernel_size == (1, 1)
@@ -98,7 +105,11 @@ class FoldedConvActivation(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.pointwise_as_matmul and x.is_contiguous(memory_format=torch.channels_last):
+        if (
+            self.pointwise_as_matmul
+            and (self.matmul_max_batch is None or x.shape[0] <= self.matmul_max_batch)
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
             weight = self.convolution.weight.flatten(1)
             # (N, C, H, W) channels-last is (N, H, W, C) in memory: permuting is free both ways.
             y = F.linear(x.permute(0, 2, 3, 1), weight, self.convolution.bias)
@@ -183,6 +194,10 @@ def optimize_for_inference(
         parameter.requires_grad_(False)
     mirrored = can_mirror(optimized)
     fold_batch_norm(optimized, mirrored=mirrored, pointwise_as_matmul=channels_last and not compile, dtype=dtype)
+    max_batch = _matmul_max_batch(next(optimized.parameters()).device)
+    for module in optimized.modules():
+        if isinstance(module, FoldedConvActivation):
+            module.matmul_max_batch = max_batch
     if dtype is not None:
         optimized = optimized.to(dtype)  # the rest (classifier, ...); the folded convs already are
     if channels_last:
@@ -192,6 +207,19 @@ def optimize_for_inference(
         with torch.inference_mode():
             fast(example_input)
     return fast
+
+
+def _matmul_max_batch(device: torch.device) -> int | None:
+    """The largest batch whose pointwise layers run as matrix products (None: any), from what was measured.
+
+    x86 CPUs with AVX-512 (one AMD EPYC with AVX-512/VNNI/BF16 measured): never, oneDNN's 1x1 convolution
+    was faster at batch 1 and 8; x86 without it (one AVX2 EPYC): up to batch 2, where BLAS won. Other
+    devices and architectures keep the matrix product at every batch, as before this was measured.
+    """
+    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    return 0 if capability.startswith("AVX512") else 2
 
 
 def _map_tensors(output, fn):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import randomize
 from PIL import Image
+from torch.nn import functional as F
 
 from mnv1_backbone import (
     MobileNetV1Backbone,
@@ -52,15 +54,40 @@ def test_classifier_fast_path_is_the_same_function(tf_padding: bool, channels_la
     assert fast.mirrored == tf_padding  # TF padding is computed on the mirrored image, padding-free
     assert not any(m.pad_at_runtime for m in folded)
     assert sum(m.pointwise_as_matmul for m in folded) == (13 if channels_last else 0)
+    inputs = (example, torch.randn(1, 3, 97, 131, dtype=torch.float64), torch.randn(1, 3, 64, 33).double())
     with torch.no_grad():
         # 128 pads (0, 1) at every strided layer; 97x131 and 64x33 pad (1, 1) at some and (0, 1) at others.
-        for x in (example, torch.randn(1, 3, 97, 131, dtype=torch.float64), torch.randn(1, 3, 64, 33).double()):
+        # Both forms of the pointwise layers (matrix product at any batch, oneDNN's conv at any batch).
+        for max_batch, x in itertools.product((None, 0), inputs):
+            for module in folded:
+                module.matmul_max_batch = max_batch
             got, expected = fast(x, output_hidden_states=True), model(x, output_hidden_states=True)
             _close(got.logits, expected.logits, EXACT)
             _close(got.last_hidden_state, expected.last_hidden_state, EXACT)
             assert len(expected.hidden_states) == 26
             for got_map, expected_map in zip(got.hidden_states, expected.hidden_states, strict=True):
                 _close(got_map, expected_map, EXACT)
+
+
+@pytest.mark.parametrize(
+    ("machine", "capability", "expected"),
+    [("x86_64", "AVX512", 0), ("x86_64", "AVX2", 2), ("x86_64", "DEFAULT", 2), ("aarch64", "DEFAULT", None)],
+)
+def test_pointwise_form_follows_the_cpu(monkeypatch, machine: str, capability: str, expected: int | None) -> None:
+    """Matrix products only where they were measured faster: x86 without AVX-512 up to batch 2, never with it."""
+    from mnv1_backbone import inference
+
+    monkeypatch.setattr(inference.platform, "machine", lambda: machine)
+    monkeypatch.setattr(inference.torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    fast = optimize_for_inference(MobileNetV1Backbone((3,), depth_multiplier=0.25))
+    folded = [m for m in fast.modules() if isinstance(m, FoldedConvActivation)]
+    assert {m.matmul_max_batch for m in folded} == {expected}
+    calls, linear = [], F.linear
+    monkeypatch.setattr(inference.F, "linear", lambda *args: calls.append(args[0].shape[0]) or linear(*args))
+    with torch.no_grad():
+        for batch in (1, 3):
+            fast(torch.randn(batch, 3, 64, 64))
+    assert sorted(set(calls)) == [b for b in (1, 3) if expected is None or b <= expected]
 
 
 @pytest.mark.parametrize("size", [224, 256, 320])
