@@ -8,8 +8,8 @@ group of one run mean anything on a shared machine.
     python benchmarks/levers.py classifier --batch 8 --autotune   # adds max_autotune (minutes of compiling)
     python benchmarks/levers.py ssd                       # SSDNetwork: fast backbone, compiled backbone, whole net
 
-Cases (classifier): the eager fast path (pointwise layers as matrix products), the same with the pointwise layers as
-oneDNN convolutions, with the matrix product chosen per batch size, the compiled fast path (Inductor with weight
+Cases (classifier): the eager fast path as built, the same with its pointwise layers forced to matrix products and
+to oneDNN convolutions, the compiled fast path (Inductor with weight
 freezing), with `cpp_wrapper`, with `max_autotune` (C++ GEMM templates) on the matrix-product form, bfloat16
 (eager and compiled), and onnxruntime on our export with the benchmark's session options and with others
 (thread spinning off, default options, fewer graph optimisations).
@@ -95,12 +95,13 @@ def classifier(args) -> None:
     x = torch.rand(args.batch, 3, 224, 224) * 2 - 1
     cases: dict[str, Callable[[], object]] = {}
     fast = optimize_for_inference(model, x)
-    cases["fast eager (pointwise as matmul)"] = lambda: fast(x)
-    as_conv = optimize_for_inference(model, x)
-    for module in as_conv.modules():
-        if isinstance(module, FoldedConvActivation):
-            module.pointwise_as_matmul = False
-    cases["fast eager, pointwise as oneDNN conv"] = lambda: as_conv(x)
+    cases["fast eager (as built: pointwise form for this CPU and batch)"] = lambda: fast(x)
+    for name, max_batch in (("as matrix products", None), ("as oneDNN convs", 0)):
+        forced = optimize_for_inference(model, x)
+        for module in forced.modules():
+            if isinstance(module, FoldedConvActivation):
+                module.matmul_max_batch = max_batch
+        cases[f"fast eager, pointwise {name}"] = lambda forced=forced: forced(x)
     if "bf16" in args.only or not args.only:
         bf16 = optimize_for_inference(model, x, dtype=torch.bfloat16)
         cases["fast eager bf16"] = lambda: bf16(x)
@@ -123,12 +124,13 @@ def classifier(args) -> None:
             path = onnx_peer.export(onnx_peer._Logits(fast_nchw), x, Path(tmp) / "c.onnx", ["logits"])
             cases["onnxruntime (run.py's options: 2 intra, 1 inter, ALL)"] = onnx_case(path, x, args.threads)
             cases["onnxruntime, spinning off"] = onnx_case(path, x, args.threads, spinning=False)
-            cases["onnxruntime, default SessionOptions"] = onnx_case(path, x, None, inter=None)
-            cases["onnxruntime, ORT_ENABLE_EXTENDED"] = onnx_case(path, x, args.threads, level="EXTENDED")
-            cases["onnxruntime, ORT_ENABLE_BASIC"] = onnx_case(path, x, args.threads, level="BASIC")
-            timings = time_interleaved(cases, args.warmup, args.rounds)
+            if args.all_onnx:  # each session's spinning pool disturbs the others: off by default
+                cases["onnxruntime, default SessionOptions"] = onnx_case(path, x, None, inter=None)
+                cases["onnxruntime, ORT_ENABLE_EXTENDED"] = onnx_case(path, x, args.threads, level="EXTENDED")
+                cases["onnxruntime, ORT_ENABLE_BASIC"] = onnx_case(path, x, args.threads, level="BASIC")
+            timings = time_interleaved(cases, args.warmup, args.rounds, settle=args.settle)
     else:
-        timings = time_interleaved(cases, args.warmup, args.rounds)
+        timings = time_interleaved(cases, args.warmup, args.rounds, settle=args.settle)
     report(f"classifier 224x224 batch {args.batch}, {args.threads} threads", timings, args.rounds)
 
 
@@ -174,9 +176,9 @@ def ssd(args) -> None:
             nchw = with_backbone(channels_last=False)
             path = onnx_peer.export(nchw, x, Path(tmp) / "ssd.onnx", ["box_regression", "class_logits", "anchors"])
             cases["onnxruntime SSDNetwork (run.py's options)"] = onnx_case(path, x, args.threads)
-            timings = time_interleaved(cases, args.warmup, args.rounds)
+            timings = time_interleaved(cases, args.warmup, args.rounds, settle=args.settle)
     else:
-        timings = time_interleaved(cases, args.warmup, args.rounds)
+        timings = time_interleaved(cases, args.warmup, args.rounds, settle=args.settle)
     report(f"SSDLite network 320x320 batch 1, {args.threads} threads", timings, args.rounds)
 
 
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--all-onnx", action="store_true", help="also default options, EXTENDED, BASIC sessions")
+    parser.add_argument("--settle", type=int, default=1, help="untimed calls before each timed call (run.py's)")
     parser.add_argument("--autotune", action="store_true", help="add max_autotune cases (slow to compile)")
     parser.add_argument("--only", nargs="*", default=[], choices=["bf16", "compile", "onnx"],
                         help="restrict the classifier's optional cases to these kinds")

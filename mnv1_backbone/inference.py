@@ -13,11 +13,11 @@ backbone that computes the same function (within float32 rounding, tested to 1e-
 * weights and activations use channels-last, which oneDNN's depthwise kernels prefer, and on which a
   1x1 convolution is a plain matrix product: the pointwise layers (95% of the multiply-adds) can run
   as `F.linear` on the (N, H, W, C) view, with no copy in or out. Which form is faster depends on the
-  CPU and the batch (benchmarks/pointwise.py, benchmarks/levers.py): on 2 AVX2 cores BLAS was 1.23x
-  faster than oneDNN's 1x1 convolution at batch 1 and 1.16x at batch 2 but 0.85x at batch 8; on 2
-  AVX-512 cores oneDNN's convolution won at batch 1 (1.18x) and 8 (1.11x). So on x86 CPUs the matrix
-  product is taken for batches up to 2 without AVX-512 and never with it (`_matmul_max_batch`),
-  chosen per call from the input's batch; elsewhere (not measured) it is always taken;
+  batch (benchmarks/pointwise.py, the 13 layers alone): on 2 AVX2 cores BLAS was 1.23x faster than
+  oneDNN's 1x1 convolution at batch 1 and 1.16x at batch 2 but 0.85x at batch 8; on 2 AVX-512 cores
+  1.26x, 1.20x, 1.03x at batch 1, 2, 4 and 0.84x at 8. So on x86 CPUs the matrix product is taken for
+  batches up to 2 (`_matmul_max_batch`), chosen per call from the input's batch; elsewhere (not
+  measured) it is always taken;
 * `compile=True` adds `torch.compile` (Inductor) with weight freezing, which pre-packs the weights and
   fuses ReLU6 into oneDNN's convolutions (the convolutions stay convolutions there).
 
@@ -212,14 +212,13 @@ def optimize_for_inference(
 def _matmul_max_batch(device: torch.device) -> int | None:
     """The largest batch whose pointwise layers run as matrix products (None: any), from what was measured.
 
-    x86 CPUs with AVX-512 (one AMD EPYC with AVX-512/VNNI/BF16 measured): never, oneDNN's 1x1 convolution
-    was faster at batch 1 and 8; x86 without it (one AVX2 EPYC): up to batch 2, where BLAS won. Other
-    devices and architectures keep the matrix product at every batch, as before this was measured.
+    x86 CPUs (one AVX2 and one AVX-512 AMD EPYC measured, 2 threads): up to batch 2, where BLAS beat oneDNN's
+    1x1 convolution by 1.16-1.26x; at batch 8 it lost (0.84x). Other devices and architectures keep the
+    matrix product at every batch, as before this was measured.
     """
     if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return None
-    capability = torch.backends.cpu.get_cpu_capability()
-    return 0 if capability.startswith("AVX512") else 2
+    return 2
 
 
 def _map_tensors(output, fn):
