@@ -8,11 +8,11 @@ group of one run mean anything on a shared machine.
     python benchmarks/levers.py classifier --batch 8 --autotune   # adds max_autotune (minutes of compiling)
     python benchmarks/levers.py ssd                       # SSDNetwork: fast backbone, compiled backbone, whole net
 
-Cases (classifier): the eager fast path as built, the same with its pointwise layers forced to matrix products and
-to oneDNN convolutions, the compiled fast path (Inductor with weight
-freezing), with `cpp_wrapper`, with `max_autotune` (C++ GEMM templates) on the matrix-product form, bfloat16
+Cases (classifier): the eager fast path as built, the same with its pointwise layers forced to matrix products
+and to oneDNN convolutions, the compiled fast path as built (Inductor with weight freezing and `cpp_wrapper`),
+without `cpp_wrapper`, with `max_autotune` (C++ GEMM templates; on the matrix-product form too), bfloat16
 (eager and compiled), and onnxruntime on our export with the benchmark's session options and with others
-(thread spinning off, default options, fewer graph optimisations).
+(thread spinning off; with --all-onnx default options and fewer graph optimisations).
 """
 
 from __future__ import annotations
@@ -53,13 +53,16 @@ def inductor(**options):
         yield
 
 
-def compiled_case(model, x, *, dtype=None, matmul: bool = False, **options) -> Callable[[], object]:
+def compiled_case(
+    model, x, *, dtype=None, matmul: bool = False, cpp_wrapper: bool = True, **options
+) -> Callable[[], object]:
     """optimize_for_inference(compile=True), compiled now under extra Inductor options.
 
     With `matmul` the pointwise layers keep their matrix-product form under compile (Inductor then sees
     `linear` ops, which max_autotune's C++ GEMM templates can take) instead of convolutions.
     """
     fast = optimize_for_inference(model, compile=True, dtype=dtype)
+    fast.cpp_wrapper = cpp_wrapper  # optimize_for_inference turns it on for CPU models
     if matmul:
         for module in fast.modules():
             if isinstance(module, FoldedConvActivation) and module.convolution.kernel_size == (1, 1):
@@ -68,7 +71,8 @@ def compiled_case(model, x, *, dtype=None, matmul: bool = False, **options) -> C
         warnings.simplefilter("ignore")
         start = time.perf_counter()
         fast(x)
-        print(f"  compiled {options or ''}{' matmul' if matmul else ''}{' ' + str(dtype) if dtype else ''} "
+        print(f"  compiled {options or ''}{' matmul' if matmul else ''}{' ' + str(dtype) if dtype else ''}"
+              f"{'' if cpp_wrapper else ' no cpp_wrapper'} "
               f"in {time.perf_counter() - start:.0f} s", flush=True)
     return lambda: fast(x)
 
@@ -106,8 +110,8 @@ def classifier(args) -> None:
         bf16 = optimize_for_inference(model, x, dtype=torch.bfloat16)
         cases["fast eager bf16"] = lambda: bf16(x)
     if "compile" in args.only or not args.only:
-        cases["compiled (freezing)"] = compiled_case(model, x)
-        cases["compiled + cpp_wrapper"] = compiled_case(model, x, cpp_wrapper=True)
+        cases["compiled (as built: freezing, cpp_wrapper)"] = compiled_case(model, x)
+        cases["compiled, freezing only (no cpp_wrapper)"] = compiled_case(model, x, cpp_wrapper=False)
         cases["compiled, pointwise as matmul"] = compiled_case(model, x, matmul=True)
         if args.autotune:
             cases["compiled + max_autotune (C++ GEMM), pointwise as matmul"] = compiled_case(

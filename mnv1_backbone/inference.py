@@ -19,7 +19,8 @@ backbone that computes the same function (within float32 rounding, tested to 1e-
   batches up to 2 (`_matmul_max_batch`), chosen per call from the input's batch; elsewhere (not
   measured) it is always taken;
 * `compile=True` adds `torch.compile` (Inductor) with weight freezing, which pre-packs the weights and
-  fuses ReLU6 into oneDNN's convolutions (the convolutions stay convolutions there).
+  fuses ReLU6 into oneDNN's convolutions (the convolutions stay convolutions there), and on the CPU
+  Inductor's C++ wrapper (no Python between the kernels).
 
 int8 is `mnv1_backbone.quantization`, which quantizes this folded, mirrored network.
 """
@@ -253,6 +254,7 @@ class _Optimized(nn.Module):
         self.mirrored = mirrored
         self.channels_last = channels_last
         self.dtype = dtype
+        self.cpp_wrapper = all(p.device.type == "cpu" for p in model.parameters())
         self.compiled = torch.compile(self.run) if compile else None
 
     def __getattr__(self, name: str):
@@ -286,6 +288,9 @@ class _Optimized(nn.Module):
         from torch._inductor import config as inductor_config  # imported here: Inductor is slow to import
 
         # Read when Dynamo compiles (the first call for each input size): weights become constants, so
-        # Inductor pre-packs them and fuses ReLU6 into oneDNN's convolutions.
-        with inductor_config.patch(freezing=True):
+        # Inductor pre-packs them and fuses ReLU6 into oneDNN's convolutions. On the CPU its C++ wrapper
+        # replaces the Python code that calls the kernels: 1.05x and 1.09x at batch 1 in two A/B runs on
+        # 2 AVX-512 cores, no change at batch 8 (benchmarks/levers.py); not measured on GPUs.
+        options = {"freezing": True, "cpp_wrapper": self.cpp_wrapper}
+        with inductor_config.patch(options):
             return self.compiled(x, *args, **kwargs)
