@@ -78,7 +78,7 @@ def compiled_case(
 
 
 def onnx_case(path: Path, x: torch.Tensor, threads: int | None, *, spinning: bool = True, level: str = "ALL",
-              inter: int | None = 1) -> Callable[[], object]:
+              inter: int | None = 1, stop_spinning: bool = True) -> Callable[[], object]:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -89,6 +89,8 @@ def onnx_case(path: Path, x: torch.Tensor, threads: int | None, *, spinning: boo
     options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel, f"ORT_ENABLE_{level}")
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if stop_spinning:  # as run.py's sessions (onnx_peer.session): spin during a run, not after it
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     sess = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: x.numpy()}
     return lambda: sess.run(None, feed)
@@ -126,8 +128,10 @@ def classifier(args) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             fast_nchw = optimize_for_inference(model, x, channels_last=False)
             path = onnx_peer.export(onnx_peer._Logits(fast_nchw), x, Path(tmp) / "c.onnx", ["logits"])
-            cases["onnxruntime (run.py's options: 2 intra, 1 inter, ALL)"] = onnx_case(path, x, args.threads)
+            cases["onnxruntime (run.py's: 2 intra, 1 inter, ALL, spin stops)"] = onnx_case(path, x, args.threads)
             cases["onnxruntime, spinning off"] = onnx_case(path, x, args.threads, spinning=False)
+            if args.all_onnx:  # its threads then spin into the next case's time (see run.py's time_interleaved)
+                cases["onnxruntime, spinning on after runs"] = onnx_case(path, x, args.threads, stop_spinning=False)
             if args.all_onnx:  # each session's spinning pool disturbs the others: off by default
                 cases["onnxruntime, default SessionOptions"] = onnx_case(path, x, None, inter=None)
                 cases["onnxruntime, ORT_ENABLE_EXTENDED"] = onnx_case(path, x, args.threads, level="EXTENDED")

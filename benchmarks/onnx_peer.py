@@ -7,7 +7,8 @@ that export (QDQ format, per-channel int8 weights, uint8 activations, calibrated
 `quantize_int8` sees). The SSDLite rows export `SSDNetwork` (normalise, backbone, head, anchors).
 
 Everything here is optional: `available()` says why a row is skipped when onnxruntime, onnx or onnxscript
-is missing. Sessions use `threads` intra-op threads and one inter-op thread, like torch's settings.
+is missing. Sessions use `threads` intra-op threads and one inter-op thread, like torch's settings, all graph
+optimisations and thread spinning that stops when a run returns (`session.force_spinning_stop`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def session(path: Path, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Its intra-op threads spin while a run lasts (the default, its fastest) but stop when it returns: left
+    # spinning, they took the cores of whatever ran next on two cores (torch's fast path measured 632 ms
+    # instead of 13 ms right after two sessions), as they would in a service that does other work between runs.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
