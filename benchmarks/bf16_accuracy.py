@@ -1,7 +1,7 @@
 """Accuracy of the opt-in bfloat16 fast path against float32, on Google's real weights and real photos.
 
 `optimize_for_inference(model, dtype=torch.bfloat16)` is not the same function as float32 (bfloat16 keeps 8
-significant bits), so its accuracy is stated, not assumed: this script runs the 19 photos that
+significant bits), so its accuracy is stated, not assumed: this script runs the real photos that
 tests/test_int8_accuracy.py lists (`PHOTOS`, packages' CC0 / public-domain / CC BY sample images) through
 the float32 model and the bfloat16 fast path (eager and, with --compile, compiled) and prints top-1 agreement
 and the logit cosine (mean, min) per path.
