@@ -1,23 +1,24 @@
 """Speed of mnv1_backbone against its peers, measured in one process with the same inputs.
 
-Every group of cases warms each case up, then times them in interleaved rounds (one call of each case
-per round), so that a machine that speeds up or slows down affects every case alike; it reports the
-median per case and the ratio to Hugging Face transformers' eager MobileNetV1 (or the group's first
-case) measured in the same rounds. Only ratios from one run mean anything on a shared machine. Peers
+Every group of cases warms each case up, then times them in interleaved rounds (one untimed, then one timed
+call of each case per round), so that a machine that speeds up or slows down affects every case alike; it
+reports the median per case and the ratio to Hugging Face transformers' eager MobileNetV1 (or the group's
+first case) measured in the same rounds. Only ratios from one run mean anything on a shared machine. Peers
 that are not installed are skipped, and the output says so.
 
     python benchmarks/run.py                 # full run, 2 threads, JSON to benchmarks/results.json
     python benchmarks/run.py --quick         # fewer rounds, no torch.compile
     python benchmarks/run.py --device cuda   # also the classifier cases on a GPU in float32/16 and bfloat16
 
-Cases: classifier at 224x224, batch 1 and 8 (ours eager / fast path / fast path + torch.compile /
-int8, onnxruntime fp32 on our export and onnxruntime's own static int8 of it (benchmarks/onnx_peer.py),
-transformers, timm `mobilenetv1_100`, torchvision `mobilenet_v2` and `mobilenet_v3_large`);
-the backbone's (5, 11, 13) features at 320x320; SSDLite-MobileNetV1 against torchvision's
-`ssdlite320_mobilenet_v3_large` at batch 1, SSDLite's exportable network (no NMS) in PyTorch against
-onnxruntime, and one training step of each at batch 4. The compute
-floor is the classifier's 1.14 GFLOP per image at the dense matrix-product rate measured at the start
-(the best of three sizes); the rate is measured again at the end to show drift.
+Cases: classifier at 224x224, batch 1 and 8 (ours eager / fast path / fast path + torch.compile, both also
+in the opt-in bfloat16 / int8, onnxruntime fp32 on our export and onnxruntime's own static int8 of it
+(benchmarks/onnx_peer.py), transformers, timm `mobilenetv1_100`, torchvision `mobilenet_v2` and
+`mobilenet_v3_large`); the backbone's (5, 11, 13) features at 320x320; SSDLite-MobileNetV1 against
+torchvision's `ssdlite320_mobilenet_v3_large` at batch 1, SSDLite's exportable network (no NMS) in PyTorch
+(eager, fast-path backbone eager or compiled, the whole network compiled) against onnxruntime, and one
+training step of each at batch 4. The compute floor is the classifier's 1.14 GFLOP per image at the dense
+matrix-product rate measured at the start (the best of three sizes); the rate is measured again at the end
+to show drift.
 """
 
 from __future__ import annotations
