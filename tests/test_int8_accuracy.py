@@ -129,7 +129,7 @@ from mnv1_backbone import MobileNetV1ForImageClassification
 from mnv1_backbone.pretrained import find_bundled_frozen_graph
 from mnv1_backbone.quantization import int8_needs_reduce_range, quantize_int8
 model = MobileNetV1ForImageClassification.from_tf(find_bundled_frozen_graph()).eval()
-pixel_values = torch.load(sys.argv[1])
+pixel_values = torch.load(sys.argv[1], weights_only=True)
 calibration = [pixel_values[1::2], pixel_values[1::2].flip(-1)]
 rows = {}
 # Ours on the AVX2 path, and 8-bit inputs with 8-bit weights into the pointwise convs (what AVX2 cannot sum).
