@@ -15,6 +15,9 @@ on a tiny synthetic dataset (12 train / 5 val images of 128 px, models at 64 px,
 - `test_killed_rank_ends_the_job`: SIGKILL on rank 1 mid-training ends torchrun with a non-zero status within the
   process-group timeout, and the last checkpoint still loads (this run also takes the channels-last path, the
   default on CUDA, which CPU runs otherwise skip).
+- `test_ctrl_c_stops_every_rank_and_keeps_the_checkpoint`: SIGINT to torchrun's process group (Ctrl-C) ends the
+  job within seconds, no worker left, rank 0's one line says how to continue (torchrun then prints its own
+  SignalException traceback, which is torchrun's), the checkpoint loads.
 - `test_a_failure_on_one_rank_stops_every_rank_with_one_message`: a NaN loss on rank 1 only, and a bad image in
   rank 0's loader only, make both ranks raise at the same step (the training loop's agreement functions under a
   real 2-process group); rank 0's message names every rank's loss terms or the file.
@@ -254,6 +257,42 @@ def test_killed_rank_ends_the_job(data_root: Path, tmp_path: Path) -> None:
     assert job.returncode != 0
     assert time.monotonic() - killed_at < timeout + 30
     state = checkpoint_io.load_checkpoint(output / checkpoint_io.CHECKPOINT_NAME)
+    assert state["world_size"] == 2 and state["epoch"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
+def test_ctrl_c_stops_every_rank_and_keeps_the_checkpoint(data_root: Path, tmp_path: Path) -> None:
+    """Ctrl-C in the terminal (SIGINT to torchrun's whole process group) ends the job within seconds: no worker is
+    left behind, rank 0 says how to continue, once, and the last checkpoint loads."""
+    output = tmp_path / "interrupted"
+    command = _torchrun("train", "--data-root", str(data_root), "--output", str(output), "--epochs", "100",
+                        "--image-size", "64", "--depth-multiplier", "0.25", "--weights-backbone", "none",
+                        "--batch-size", "2", "--workers", "0", "--threads", "1", "--no-progress",
+                        "--eval-interval", "0", "--dist-timeout", "30")
+    job = subprocess.Popen(command, cwd=REPO, env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)  # its own process group, as a terminal's job
+    try:
+        checkpoint = output / checkpoint_io.CHECKPOINT_NAME
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists():
+            assert job.poll() is None, f"the job ended before its first checkpoint: {job.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.05)
+        workers = _worker_pids(job.pid)
+        assert sorted(workers) == [0, 1]
+        os.killpg(job.pid, signal.SIGINT)
+        interrupted_at = time.monotonic()
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode != 0
+    assert time.monotonic() - interrupted_at < 30, "the job took more than 30 s to stop"
+    assert not [pid for pid in workers.values() if Path(f"/proc/{pid}").exists()], "a worker outlived the job"
+    assert stderr.count("interrupted; continue with --resume auto") == 1, stderr[-3000:]
+    state = checkpoint_io.load_checkpoint(checkpoint)
     assert state["world_size"] == 2 and state["epoch"] >= 1
 
 
