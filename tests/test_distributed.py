@@ -25,12 +25,14 @@ on a tiny synthetic dataset (12 train / 5 val images of 128 px, models at 64 px,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -227,33 +229,39 @@ def _worker_pids(parent: int) -> dict[int, int]:
     return found
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
-def test_killed_rank_ends_the_job(data_root: Path, tmp_path: Path) -> None:
-    output = tmp_path / "killed"
-    timeout = 30
+@contextlib.contextmanager
+def _training_job(data_root: Path, output: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, dict[int, int]]]:
+    """A long 2-process training, in its own process group (as a terminal's job), once its first checkpoint is
+    written: (torchrun's process, rank -> worker pid). The whole group is killed on the way out if still running."""
     command = _torchrun("train", "--data-root", str(data_root), "--output", str(output), "--epochs", "100",
                         "--image-size", "64", "--depth-multiplier", "0.25", "--weights-backbone", "none",
                         "--batch-size", "2", "--workers", "0", "--threads", "1", "--no-progress",
-                        "--eval-interval", "0", "--dist-timeout", str(timeout), "--channels-last")
+                        "--eval-interval", "0", *flags)
     job = subprocess.Popen(command, cwd=REPO, env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True)
+                           text=True, start_new_session=True)
     try:
-        checkpoint = output / checkpoint_io.CHECKPOINT_NAME
         deadline = time.monotonic() + 120
-        while not checkpoint.exists():
+        while not (output / checkpoint_io.CHECKPOINT_NAME).exists():
             assert job.poll() is None, f"the job ended before its first checkpoint: {job.communicate()[1][-3000:]}"
             assert time.monotonic() < deadline, "no checkpoint after 120 s"
             time.sleep(0.05)
         workers = _worker_pids(job.pid)
         assert sorted(workers) == [0, 1]
-        os.kill(workers[1], signal.SIGKILL)
-        killed_at = time.monotonic()
-        job.wait(timeout=timeout + 30)
+        yield job, workers
     finally:
         if job.poll() is None:
-            job.kill()
+            os.killpg(job.pid, signal.SIGKILL)
             job.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
+def test_killed_rank_ends_the_job(data_root: Path, tmp_path: Path) -> None:
+    output, timeout = tmp_path / "killed", 30
+    with _training_job(data_root, output, "--dist-timeout", str(timeout), "--channels-last") as (job, workers):
+        os.kill(workers[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        job.communicate(timeout=timeout + 30)
     assert job.returncode != 0
     assert time.monotonic() - killed_at < timeout + 30
     state = checkpoint_io.load_checkpoint(output / checkpoint_io.CHECKPOINT_NAME)
@@ -266,33 +274,15 @@ def test_ctrl_c_stops_every_rank_and_keeps_the_checkpoint(data_root: Path, tmp_p
     """Ctrl-C in the terminal (SIGINT to torchrun's whole process group) ends the job within seconds: no worker is
     left behind, rank 0 says how to continue, once, and the last checkpoint loads."""
     output = tmp_path / "interrupted"
-    command = _torchrun("train", "--data-root", str(data_root), "--output", str(output), "--epochs", "100",
-                        "--image-size", "64", "--depth-multiplier", "0.25", "--weights-backbone", "none",
-                        "--batch-size", "2", "--workers", "0", "--threads", "1", "--no-progress",
-                        "--eval-interval", "0", "--dist-timeout", "30")
-    job = subprocess.Popen(command, cwd=REPO, env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)  # its own process group, as a terminal's job
-    try:
-        checkpoint = output / checkpoint_io.CHECKPOINT_NAME
-        deadline = time.monotonic() + 120
-        while not checkpoint.exists():
-            assert job.poll() is None, f"the job ended before its first checkpoint: {job.communicate()[1][-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint after 120 s"
-            time.sleep(0.05)
-        workers = _worker_pids(job.pid)
-        assert sorted(workers) == [0, 1]
+    with _training_job(data_root, output, "--dist-timeout", "30") as (job, workers):
         os.killpg(job.pid, signal.SIGINT)
         interrupted_at = time.monotonic()
         _, stderr = job.communicate(timeout=60)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
     assert job.returncode != 0
     assert time.monotonic() - interrupted_at < 30, "the job took more than 30 s to stop"
     assert not [pid for pid in workers.values() if Path(f"/proc/{pid}").exists()], "a worker outlived the job"
     assert stderr.count("interrupted; continue with --resume auto") == 1, stderr[-3000:]
-    state = checkpoint_io.load_checkpoint(checkpoint)
+    state = checkpoint_io.load_checkpoint(output / checkpoint_io.CHECKPOINT_NAME)
     assert state["world_size"] == 2 and state["epoch"] >= 1
 
 
