@@ -261,6 +261,11 @@ class _Optimized(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            # Protocol names stay this wrapper's: `copy.deepcopy` looks up `__deepcopy__` on the instance, and an
+            # int8 model's inner GraphModule has one, so forwarding it made a copy of the inner model alone, which
+            # computes on unflipped inputs (logits off by 5.7 on a real photo).
+            if name.startswith("__") and name.endswith("__"):
+                raise
             return getattr(self._modules["model"], name)
 
     def run(self, x: Tensor, *args, **kwargs):

@@ -207,3 +207,21 @@ def test_int8_needs_reduce_range_follows_fbgemm_instruction_override(monkeypatch
     monkeypatch.setattr(quantization, "_cpu_has_avx512_vnni", lambda: False)
     monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX512_E1")
     assert quantization.int8_needs_reduce_range("x86")  # the override cannot add what the CPU lacks
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_int8_and_fast_path_models_deep_copy_whole() -> None:
+    """`copy.deepcopy` of the fast path and of the int8 model copies the wrapper too (it flips the input for the
+    mirrored computation); it used to find the int8 GraphModule's `__deepcopy__` through attribute forwarding and
+    return a copy of the inner model alone, which gave other logits."""
+    import copy
+
+    from mnv1_backbone.inference import optimize_for_inference
+
+    backbone = randomize(MobileNetV1Backbone((5,), depth_multiplier=0.25), seed=9)
+    images = [torch.rand(2, 3, 64, 64) * 2 - 1]
+    for fast in (optimize_for_inference(backbone), quantize_int8(backbone, images)):
+        duplicate = copy.deepcopy(fast)
+        assert type(duplicate) is type(fast) and duplicate.mirrored
+        with torch.no_grad():
+            torch.testing.assert_close(duplicate(images[0]), fast(images[0]), atol=0, rtol=0)
