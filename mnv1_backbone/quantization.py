@@ -148,7 +148,13 @@ def quantize_int8(
         "bias correction %s, float: %s",
         type(model).__name__, backend, len(batches), clipped, len(seven_bit), bias_correction, float_layers,
     )
-    return _Optimized(quantized, mirrored=mirrored, channels_last=False, compile=False)
+    # Channels-last throughout: fbgemm's and oneDNN's int8 convs compute in NHWC (an NCHW input is converted at
+    # each layer's entry), and the float layers take channels-last too: 1.11x / 1.10x at batch 1 / 8 against
+    # NCHW inputs (one interleaved run, 2 AVX-512 cores); the same accuracy on the 21 photos of the int8 test.
+    for module in quantized.modules():
+        if type(module) is nn.Conv2d:  # the layers left in float
+            module.to(memory_format=torch.channels_last)
+    return _Optimized(quantized, mirrored=mirrored, channels_last=True, compile=False)
 
 
 def _observe_relu6_outputs(prepared: torch.fx.GraphModule, reduce_range: bool) -> set[str]:
