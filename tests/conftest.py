@@ -1,11 +1,13 @@
-"""Shared test helpers: random weights with non-trivial BatchNorm statistics, HF twins, and a writer for the
-protobuf fields and SSTable blocks of TF checkpoints (the checkpoint tests and the fuzz tests build files with it).
+"""Shared test helpers: random weights with non-trivial BatchNorm statistics, HF twins, a writer for the
+protobuf fields and SSTable blocks of TF checkpoints (the checkpoint tests and the fuzz tests build files with it),
+and the demo tests' small synthetic dataset.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,24 @@ from torch import nn
 
 from mnv1_backbone import MobileNetV1Config, MobileNetV1ForImageClassification
 from mnv1_backbone.convert.checkpoint import crc32c, mask_crc32c
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """The demo's `train` sets the thread count of the process (`threads`); give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic COCO-format shapes dataset: 8 train and 4 val images of 128 px (a module may define its own)."""
+    from detection_demo.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate_dataset(root, num_train=8, num_val=4, image_size=(128, 128), seed=0, workers=1)
+    return root
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -25,7 +25,7 @@ from detection_demo.__main__ import main
 from detection_demo.data import COCO_STAT_NAMES
 from detection_demo.datasets import DataPaths
 from detection_demo.models import ModelSpec, build_model, load_trained_model, resolve_backbone_weights
-from detection_demo.synthetic import CATEGORIES, generate_dataset
+from detection_demo.synthetic import CATEGORIES
 from detection_demo.train import NonFiniteLossError, TrainConfig, train, warmup_cosine
 from mnv1_backbone.detection import ssdlite_mobilenet_v1
 
@@ -35,21 +35,6 @@ TINY = {"image_size": 64, "depth_multiplier": 0.25, "batch_size": 4, "workers": 
         "warmup_epochs": 0.5, "threads": 1}
 TINY_FLAGS = ["--image-size", "64", "--depth-multiplier", "0.25", "--batch-size", "4", "--workers", "0",
               "--no-progress", "--warmup-epochs", "0.5", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """`train` sets the thread count of the process (`threads`); give the other test modules theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    generate_dataset(root, num_train=8, num_val=4, image_size=(128, 128), seed=0, workers=1)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from detection_demo.data import COCO_STAT_NAMES
 from detection_demo.evaluate import evaluate_checkpoint
 from detection_demo.models import build_model, load_trained_model, odapi_model_spec
 from detection_demo.predict import predict_images
-from detection_demo.synthetic import CATEGORIES, generate_dataset
+from detection_demo.synthetic import CATEGORIES
 from detection_demo.train import TrainConfig, train
 from mnv1_backbone.detection import from_tf_object_detection
 from mnv1_backbone.detection.odapi import ODAPISSDDetector
@@ -39,20 +39,6 @@ TINY = {"image_size": 128, "batch_size": 4, "workers": 0, "progress": False, "th
         "warmup_epochs": 0.0, "lr": 1e-3, "model_kwargs": {"score_thresh": 0.01}}
 CATEGORY_NAMES = ["__background__", *CATEGORIES]
 PHOTO = Path(__file__).parent / "data" / "coffee.png"
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    generate_dataset(root, num_train=8, num_val=4, image_size=(128, 128), seed=0, workers=1)
-    return root
 
 
 def _import(path: Path) -> ODAPISSDDetector:

@@ -40,14 +40,6 @@ TINY_FLAGS = ["--image-size", "64", "--depth-multiplier", "0.25", "--batch-size"
               "--no-progress", "--threads", "1", "--epochs", "1", "--eval-interval", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """`train` sets the thread count of the process (`--threads`); give the other test modules theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _photo(path: Path, size: tuple[int, int], seed: int, box: tuple[int, int, int, int] | None = None) -> None:
     """A noisy image of `size` (W, H) with a bright rectangle at `box` (x0, y0, x1, y1), saved by its suffix."""
     width, height = size

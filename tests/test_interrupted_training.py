@@ -34,15 +34,6 @@ FLAGS = ["--image-size", "64", "--depth-multiplier", "0.25", "--batch-size", "2"
 EPOCHS = 3
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from detection_demo.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("shapes")
-    generate_dataset(root, num_train=8, num_val=4, image_size=(128, 128), seed=0, workers=1)
-    return root
-
-
 def _train_command(data_root: Path, output: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "detection_demo", "train", "--data-root", str(data_root), "--output", str(output),
             "--epochs", str(EPOCHS), *FLAGS, *extra]
