@@ -131,7 +131,7 @@ def quantize_int8(
         reduce_range = int8_needs_reduce_range(backend)
     qconfig_mapping = get_default_qconfig_mapping(backend)
     activation = HistogramObserver.with_args(reduce_range=reduce_range)
-    qconfig_mapping.set_global(QConfig(activation=activation, weight=_weight_observer(-128, 127)))
+    qconfig_mapping.set_global(QConfig(activation=activation, weight=_weight_observer(*DENSE_WEIGHT_RANGE)))
     for name in float_layers:
         qconfig_mapping.set_module_name(f"model.{name}", None)
     example = batches[0].flip(-2, -1) if mirrored else batches[0]
