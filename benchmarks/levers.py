@@ -8,11 +8,12 @@ group of one run mean anything on a shared machine.
     python benchmarks/levers.py classifier --batch 8 --autotune   # adds max_autotune (minutes of compiling)
     python benchmarks/levers.py ssd                       # SSDNetwork: fast backbone, compiled backbone, whole net
 
-Cases (classifier): the eager fast path as built, the same with its pointwise layers forced to matrix products
-and to oneDNN convolutions, the compiled fast path as built (Inductor with weight freezing and `cpp_wrapper`),
-without `cpp_wrapper`, with `max_autotune` (C++ GEMM templates; on the matrix-product form too), bfloat16
-(eager and compiled), and onnxruntime on our export with the benchmark's session options and with others
-(thread spinning off; with --all-onnx default options and fewer graph optimisations).
+Cases (classifier): the eager fast path as built (pre-packed oneDNN convolutions with ReLU6 fused, on x86),
+the same without pre-packing with its pointwise layers forced to matrix products and to oneDNN convolutions,
+the compiled fast path as built (Inductor with weight freezing and `cpp_wrapper`), without `cpp_wrapper`,
+with `max_autotune` (C++ GEMM templates; on the matrix-product form too), bfloat16 (eager with and without
+pre-packing, and compiled), and onnxruntime on our export with the benchmark's session options and with
+others (thread spinning off; with --all-onnx default options and fewer graph optimisations).
 """
 
 from __future__ import annotations
@@ -101,16 +102,21 @@ def classifier(args) -> None:
     x = torch.rand(args.batch, 3, 224, 224) * 2 - 1
     cases: dict[str, Callable[[], object]] = {}
     fast = optimize_for_inference(model, x)
-    cases["fast eager (as built: pointwise form for this CPU and batch)"] = lambda: fast(x)
+    cases["fast eager (as built: pre-packed oneDNN convs where available)"] = lambda: fast(x)
     for name, max_batch in (("as matrix products", None), ("as oneDNN convs", 0)):
         forced = optimize_for_inference(model, x)
         for module in forced.modules():
             if isinstance(module, FoldedConvActivation):
-                module.matmul_max_batch = max_batch
-        cases[f"fast eager, pointwise {name}"] = lambda forced=forced: forced(x)
+                module.matmul_max_batch, module.packed_weights = max_batch, None
+        cases[f"fast eager, no pre-packing, pointwise {name}"] = lambda forced=forced: forced(x)
     if "bf16" in args.only or not args.only:
         bf16 = optimize_for_inference(model, x, dtype=torch.bfloat16)
         cases["fast eager bf16"] = lambda: bf16(x)
+        bf16_plain = optimize_for_inference(model, x, dtype=torch.bfloat16)
+        for module in bf16_plain.modules():
+            if isinstance(module, FoldedConvActivation):
+                module.packed_weights = None
+        cases["fast eager bf16, no pre-packing"] = lambda: bf16_plain(x)
     if "compile" in args.only or not args.only:
         cases["compiled (as built: freezing, cpp_wrapper)"] = compiled_case(model, x)
         cases["compiled, freezing only (no cpp_wrapper)"] = compiled_case(model, x, cpp_wrapper=False)

@@ -1,8 +1,9 @@
 """Where the fast path's time goes: each of MobileNetV1's 27 convolutions against its own floor.
 
-For the eager fast path (`optimize_for_inference`, channels-last, pointwise layers as matrix products) at 224x224,
-this script profiles a few calls with `torch.profiler`, each layer wrapped in a `record_function` label, and
-prints per layer: the median time of its conv (or matrix product) and of its ReLU6, and the layer's floor:
+For the eager fast path (`optimize_for_inference`, channels-last: on x86 pre-packed oneDNN convolutions with
+ReLU6 fused, elsewhere pointwise layers as matrix products) at 224x224, this script profiles a few calls with
+`torch.profiler`, each layer wrapped in a `record_function` label, and prints per layer: the median time of
+its conv (or matrix product) and of its ReLU6 (none where it is fused), and the layer's floor:
 
 * pointwise, stem and classifier: FLOPs / the dense float32 matrix-product rate measured here (best of three sizes);
 * depthwise: bytes moved (input, output, weights, in float32) / the memory bandwidth measured here by copying a
@@ -69,6 +70,10 @@ class _Labelled(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with record_function(self.label):
             return self.module(x)
+
+
+# The ops a layer's conv runs as: pre-packed oneDNN (ReLU6 fused into it), a conv or a matrix product.
+CONV_OPS = ("mkldnn::_convolution_pointwise", "aten::conv2d", "aten::linear")
 
 
 def _layer_plan(fast: nn.Module, x: torch.Tensor) -> list[dict]:
@@ -151,8 +156,8 @@ def profile_torch(fast: nn.Module, x: torch.Tensor, plan: list[dict], calls: int
     outside: dict[str, float] = defaultdict(float)
     for event in prof.events():
         if event.name in labels:
-            conv = sum(c.cpu_time_total for c in event.cpu_children if c.name in ("aten::conv2d", "aten::linear"))
-            act = sum(c.cpu_time_total for c in event.cpu_children if c.name not in ("aten::conv2d", "aten::linear"))
+            conv = sum(c.cpu_time_total for c in event.cpu_children if c.name in CONV_OPS)
+            act = sum(c.cpu_time_total for c in event.cpu_children if c.name not in CONV_OPS)
             per_call[event.name]["conv"].append(conv / 1000)
             per_call[event.name]["act"].append(act / 1000)
             per_call[event.name]["label"].append(event.cpu_time_total / 1000)

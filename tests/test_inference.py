@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import pickle
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from mnv1_backbone import (
     MobileNetV1ImageProcessor,
     MobileNetV1Model,
 )
-from mnv1_backbone.inference import FoldedConvActivation, optimize_for_inference
+from mnv1_backbone.inference import FoldedConvActivation, _OneDNNPackedWeights, optimize_for_inference
 from mnv1_backbone.pretrained import find_bundled_frozen_graph
 from mnv1_backbone.quantization import quantize_int8
 
@@ -69,21 +70,116 @@ def test_classifier_fast_path_is_the_same_function(tf_padding: bool, channels_la
                 _close(got_map, expected_map, EXACT)
 
 
-@pytest.mark.parametrize(("machine", "expected"), [("x86_64", 2), ("AMD64", 2), ("aarch64", None)])
-def test_pointwise_form_follows_the_batch(monkeypatch, machine: str, expected: int | None) -> None:
-    """Matrix products only where they were measured faster: on x86 up to batch 2, oneDNN's conv above."""
+@pytest.mark.parametrize(
+    ("machine", "onednn", "expected"), [("x86_64", True, None), ("x86_64", False, 2), ("AMD64", False, 2), ("aarch64", True, None)]
+)
+def test_pointwise_form_follows_the_cpu_and_batch(monkeypatch, machine: str, onednn: bool, expected: int | None) -> None:
+    """Where oneDNN pre-packing is taken (x86 with oneDNN) no layer runs as a matrix product; otherwise matrix
+    products where they were measured faster: on x86 up to batch 2, oneDNN's conv above; elsewhere always."""
     from mnv1_backbone import inference
 
     monkeypatch.setattr(inference.platform, "machine", lambda: machine)
+    monkeypatch.setattr(inference.torch.backends.mkldnn, "is_available", lambda: onednn)
     fast = optimize_for_inference(MobileNetV1Backbone((3,), depth_multiplier=0.25))
     folded = [m for m in fast.modules() if isinstance(m, FoldedConvActivation)]
-    assert {m.matmul_max_batch for m in folded} == {expected}
+    prepacked = onednn and machine == "x86_64"
+    assert {m.packed_weights is not None for m in folded} == {prepacked}
+    assert {m.matmul_max_batch for m in folded} == {2 if machine != "aarch64" else None}
     calls, linear = [], F.linear
     monkeypatch.setattr(inference.F, "linear", lambda *args: calls.append(args[0].shape[0]) or linear(*args))
     with torch.no_grad():
         for batch in (1, 3):
             fast(torch.randn(batch, 3, 64, 64))
-    assert sorted(set(calls)) == [b for b in (1, 3) if expected is None or b <= expected]
+    matmul = [] if prepacked else [b for b in (1, 3) if expected is None or b <= expected]
+    assert sorted(set(calls)) == matmul
+
+
+ONEDNN = pytest.mark.skipif(
+    not _OneDNNPackedWeights.available(torch.device("cpu"), torch.float32), reason="needs x86 and oneDNN"
+)
+
+
+def _without_prepacking(fast: torch.nn.Module) -> torch.nn.Module:
+    plain = copy.deepcopy(fast)
+    for module in plain.modules():
+        if isinstance(module, FoldedConvActivation):
+            module.packed_weights = None
+    return plain
+
+
+@ONEDNN
+@pytest.mark.parametrize(
+    ("activation", "tf_padding", "output_stride"), [("relu6", True, 32), ("relu6", False, 8), ("relu", True, 16), ("silu", True, 32)]
+)
+def test_prepacked_onednn_convs_are_the_same_function(
+    monkeypatch, activation: str, tf_padding: bool, output_stride: int
+) -> None:
+    """float32 (oneDNN has no float64): every conv pre-packed, with ReLU6 / ReLU fused and SiLU after the conv,
+    strided, dilated and TF-padded; as close to float64 as eager float32 is, and no plain conv runs."""
+    from mnv1_backbone import inference
+
+    backbone = MobileNetV1Backbone(
+        (3, 9, 13), depth_multiplier=0.25, tf_padding=tf_padding, output_stride=output_stride, hidden_act=activation
+    )
+    backbone = randomize(backbone, seed=31).eval()
+    fast = optimize_for_inference(backbone)
+    folded = [m for m in fast.modules() if isinstance(m, FoldedConvActivation)]
+    exact = copy.deepcopy(backbone).double()
+    for x in (torch.randn(2, 3, 96, 96), torch.randn(1, 3, 97, 131)):
+        with torch.inference_mode():
+            eager, reference = backbone(x), exact(x.double())
+            with monkeypatch.context() as patch:  # any plain conv would fail the call
+                patch.setattr(inference.nn.Conv2d, "forward", lambda *args: pytest.fail("a plain conv ran"))
+                got = fast(x)
+        assert _error(got, reference) <= 2 * _error(eager, reference) + 1e-6, (_error(got, reference), _error(eager, reference))
+    assert all(len(m.packed_weights) == 2 for m in folded)  # one packed copy per input shape
+
+
+@ONEDNN
+def test_prepacked_weights_are_a_cache(monkeypatch) -> None:
+    """Packed per input shape (at most `max_shapes`), again when the weights change in place, never copied."""
+    from mnv1_backbone import inference
+
+    monkeypatch.setattr(inference._OneDNNPackedWeights, "max_shapes", 2)
+    model = randomize(MobileNetV1ForImageClassification(MobileNetV1Config(depth_multiplier=0.25)), seed=32).eval()
+    fast = optimize_for_inference(model)
+    stem = fast.model.mobilenet_v1.conv_stem
+    with torch.inference_mode():
+        for size in (64, 96, 128):
+            fast(torch.randn(1, 3, size, size))
+        assert len(stem.packed_weights) == 2
+        x = torch.randn(1, 3, 128, 128)
+        before = fast(x).logits
+        state = fast.state_dict()
+        state = {key: value * 0.5 if key.endswith("convolution.bias") else value for key, value in state.items()}
+        fast.load_state_dict(state)
+        changed, plain = fast(x).logits, _without_prepacking(fast)(x).logits
+        assert not torch.allclose(changed, before, atol=1e-3)
+        torch.testing.assert_close(changed, plain, atol=1e-5, rtol=1e-5)
+        stem.convolution.weight.mul_(2)  # in place: the weight's version changes, the pack follows
+        torch.testing.assert_close(fast(x).logits, _without_prepacking(fast)(x).logits, atol=1e-5, rtol=1e-5)
+        copied = copy.deepcopy(fast)
+        unpickled = pickle.loads(pickle.dumps(fast))
+        assert len(copied.model.mobilenet_v1.conv_stem.packed_weights) == len(unpickled.model.mobilenet_v1.conv_stem.packed_weights) == 0
+        torch.testing.assert_close(copied(x).logits, fast(x).logits, atol=0, rtol=0)
+        torch.testing.assert_close(unpickled(x).logits, fast(x).logits, atol=0, rtol=0)
+
+
+@ONEDNN
+def test_prepacking_steps_aside_for_autograd_and_tracing() -> None:
+    """The fused op has no autograd and exporters need plain convs: an input that needs gradients, and
+    torch.export, take the conv (the same function)."""
+    backbone = randomize(MobileNetV1Backbone((5,), depth_multiplier=0.25), seed=33).eval()
+    fast = optimize_for_inference(backbone)
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    fast(x)["Conv2d_5_pointwise"].sum().backward()
+    expected = x.detach().clone().requires_grad_()
+    backbone(expected)["Conv2d_5_pointwise"].sum().backward()
+    torch.testing.assert_close(x.grad, expected.grad, atol=1e-4, rtol=1e-4)
+    program = torch.export.export(fast, (x.detach(),))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("mkldnn" in target for target in targets), targets
+    assert "aten.conv2d.default" in targets, targets
 
 
 @pytest.mark.parametrize("size", [224, 256, 320])
