@@ -23,8 +23,9 @@ backbone that computes the same function (within float32 rounding, tested to 1e-
   freezing emits (`_OneDNNPackedWeights`). `F.conv2d` re-packs the weight on every call and the
   matrix product has ReLU6 as a separate pass: on 2 AVX-512 cores the 13 pointwise layers alone took
   5.23 ms pre-packed against 6.04 as matrix products at batch 1, the depthwise ones 0.72 against 0.89,
-  and the whole eager model 1.24x faster at batch 1 (benchmarks/levers.py). The matrix-product form
-  stays where this path is not taken (other CPUs, inputs that need autograd, tracing);
+  and the whole eager model was 1.21x / 1.19x faster at batch 1 and 1.09x / 1.06x at batch 8 in two
+  runs of benchmarks/levers.py. The matrix-product form stays where this path is not taken (other
+  CPUs, inputs that need autograd, tracing);
 * `compile=True` adds `torch.compile` (Inductor) with weight freezing, which pre-packs the weights and
   fuses ReLU6 into oneDNN's convolutions (the convolutions stay convolutions there), and on the CPU
   Inductor's C++ wrapper (no Python between the kernels).
