@@ -119,10 +119,13 @@ class FoldedConvActivation(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed_weights is not None and self.packed_weights.applies(x, self.convolution.weight):
-            if self.pad_at_runtime:
-                x = tf_pad(x, self.kernel_size, self.stride, self.dilation)
-            return self.packed_weights.convolution(x, self.convolution, self.activation)
+        packed = self.packed_weights
+        if packed is not None:
+            conv = self.convolution
+            if packed.applies(x, conv.weight):
+                if self.pad_at_runtime:
+                    x = tf_pad(x, self.kernel_size, self.stride, self.dilation)
+                return packed.convolution(x, conv, self.activation)
         if (
             self.pointwise_as_matmul
             and (self.matmul_max_batch is None or x.shape[0] <= self.matmul_max_batch)
@@ -135,6 +138,16 @@ class FoldedConvActivation(nn.Module):
         if self.pad_at_runtime:
             x = tf_pad(x, self.kernel_size, self.stride, self.dilation)
         return self.activation(self.convolution(x))
+
+
+def _convolution_pointwise_op():
+    try:
+        return torch.ops.mkldnn._convolution_pointwise.default
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return None
+
+
+_CONVOLUTION_POINTWISE = _convolution_pointwise_op()
 
 
 class _OneDNNPackedWeights:
@@ -170,7 +183,7 @@ class _OneDNNPackedWeights:
         """Measured on x86 only (AVX-512 and, oneDNN capped to AVX2, its AVX2 kernels); bf16 where oneDNN has it."""
         if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
             return False
-        if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        if not torch.backends.mkldnn.is_available() or _CONVOLUTION_POINTWISE is None:
             return False
         return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
@@ -181,38 +194,44 @@ class _OneDNNPackedWeights:
         if torch.compiler.is_compiling() or not isinstance(x, Tensor):
             return False
         return (
-            x.device.type == "cpu"
+            x.is_cpu
             and x.dtype == weight.dtype
             and x.dim() == 4
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         )
 
     def convolution(self, x: Tensor, conv: nn.Conv2d, activation: nn.Module) -> Tensor:
-        # oneDNN fuses these activations as a post-op; any other runs after the conv.
-        if isinstance(activation, nn.Hardtanh):  # ReLU6 is Hardtanh(0, 6)
-            fused, scalars = "hardtanh", [float(activation.min_val), float(activation.max_val)]
-        elif isinstance(activation, nn.ReLU):
-            fused, scalars = "relu", []
-        else:
-            fused, scalars = "none", []
-        padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
         weight = conv.weight
         # Inference tensors (a model copied under inference_mode) have no version counter: they cannot be changed
         # in place outside inference_mode, and inside it that goes unseen.
         version = None if weight.is_inference() else weight._version
         key = (tuple(x.shape), weight.data_ptr(), version, weight.dtype)
-        packed = self._by_key.get(key)
-        if packed is None:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, padding, stride, dilation, conv.groups, list(x.shape)
-            )
-            self._by_key[key] = packed
+        call = self._by_key.get(key)
+        if call is None:  # everything but the input, built once per shape: Python costs ~10 us per layer here
+            call = self._pack(x, conv, activation)
+            self._by_key[key] = call
             while len(self._by_key) > self.max_shapes:
                 self._by_key.popitem(last=False)
-        y = torch.ops.mkldnn._convolution_pointwise(
-            x, packed, conv.bias, padding, stride, dilation, conv.groups, fused, scalars, ""
+        arguments, after = call
+        y = _CONVOLUTION_POINTWISE(x, *arguments)
+        return y if after is None else after(y)
+
+    @staticmethod
+    def _pack(x: Tensor, conv: nn.Conv2d, activation: nn.Module) -> tuple[tuple, nn.Module | None]:
+        """The fused op's arguments after the input (the weight packed for `x`'s shape), and what runs after it."""
+        # oneDNN fuses these activations as a post-op; any other runs after the conv.
+        after = None
+        if isinstance(activation, nn.Hardtanh):  # ReLU6 is Hardtanh(0, 6)
+            fused, scalars = "hardtanh", [float(activation.min_val), float(activation.max_val)]
+        elif isinstance(activation, nn.ReLU):
+            fused, scalars = "relu", []
+        else:
+            fused, scalars, after = "none", [], None if isinstance(activation, nn.Identity) else activation
+        padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            conv.weight, padding, stride, dilation, conv.groups, list(x.shape)
         )
-        return y if fused != "none" or isinstance(activation, nn.Identity) else activation(y)
+        return (packed, conv.bias, padding, stride, dilation, conv.groups, fused, scalars, ""), after
 
 
 class _Unmirrored(nn.Module):
