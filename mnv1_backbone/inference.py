@@ -312,7 +312,9 @@ def optimize_for_inference(
     fold_batch_norm(optimized, mirrored=mirrored, pointwise_as_matmul=channels_last and not compile, dtype=dtype)
     parameter = next(optimized.parameters())
     max_batch = _matmul_max_batch(parameter.device)
-    prepack = channels_last and not compile and _OneDNNPackedWeights.available(parameter.device, dtype or parameter.dtype)
+    prepack = (
+        channels_last and not compile and _OneDNNPackedWeights.available(parameter.device, dtype or parameter.dtype)
+    )
     for module in optimized.modules():
         if isinstance(module, FoldedConvActivation):
             module.matmul_max_batch = max_batch

@@ -71,9 +71,12 @@ def test_classifier_fast_path_is_the_same_function(tf_padding: bool, channels_la
 
 
 @pytest.mark.parametrize(
-    ("machine", "onednn", "expected"), [("x86_64", True, None), ("x86_64", False, 2), ("AMD64", False, 2), ("aarch64", True, None)]
+    ("machine", "onednn", "expected"),
+    [("x86_64", True, None), ("x86_64", False, 2), ("AMD64", False, 2), ("aarch64", True, None)],
 )
-def test_pointwise_form_follows_the_cpu_and_batch(monkeypatch, machine: str, onednn: bool, expected: int | None) -> None:
+def test_pointwise_form_follows_the_cpu_and_batch(
+    monkeypatch, machine: str, onednn: bool, expected: int | None
+) -> None:
     """Where oneDNN pre-packing is taken (x86 with oneDNN) no layer runs as a matrix product; otherwise matrix
     products where they were measured faster: on x86 up to batch 2, oneDNN's conv above; elsewhere always."""
     from mnv1_backbone import inference
@@ -109,7 +112,8 @@ def _without_prepacking(fast: torch.nn.Module) -> torch.nn.Module:
 
 @ONEDNN
 @pytest.mark.parametrize(
-    ("activation", "tf_padding", "output_stride"), [("relu6", True, 32), ("relu6", False, 8), ("relu", True, 16), ("silu", True, 32)]
+    ("activation", "tf_padding", "output_stride"),
+    [("relu6", True, 32), ("relu6", False, 8), ("relu", True, 16), ("silu", True, 32)],
 )
 def test_prepacked_onednn_convs_are_the_same_function(
     monkeypatch, activation: str, tf_padding: bool, output_stride: int
@@ -131,7 +135,10 @@ def test_prepacked_onednn_convs_are_the_same_function(
             with monkeypatch.context() as patch:  # any plain conv would fail the call
                 patch.setattr(inference.nn.Conv2d, "forward", lambda *args: pytest.fail("a plain conv ran"))
                 got = fast(x)
-        assert _error(got, reference) <= 2 * _error(eager, reference) + 1e-6, (_error(got, reference), _error(eager, reference))
+        assert _error(got, reference) <= 2 * _error(eager, reference) + 1e-6, (
+            _error(got, reference),
+            _error(eager, reference),
+        )
     assert all(len(m.packed_weights) == 2 for m in folded)  # one packed copy per input shape
 
 
@@ -160,7 +167,11 @@ def test_prepacked_weights_are_a_cache(monkeypatch) -> None:
         torch.testing.assert_close(fast(x).logits, _without_prepacking(fast)(x).logits, atol=1e-5, rtol=1e-5)
         copied = copy.deepcopy(fast)
         unpickled = pickle.loads(pickle.dumps(fast))
-        assert len(copied.model.mobilenet_v1.conv_stem.packed_weights) == len(unpickled.model.mobilenet_v1.conv_stem.packed_weights) == 0
+        assert (
+            len(copied.model.mobilenet_v1.conv_stem.packed_weights)
+            == len(unpickled.model.mobilenet_v1.conv_stem.packed_weights)
+            == 0
+        )
         torch.testing.assert_close(copied(x).logits, fast(x).logits, atol=0, rtol=0)
         torch.testing.assert_close(unpickled(x).logits, fast(x).logits, atol=0, rtol=0)
 
