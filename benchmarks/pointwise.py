@@ -1,8 +1,9 @@
-"""MobileNetV1's 1x1 convolutions as oneDNN convolutions or as BLAS matrix products, on channels-last inputs.
+"""MobileNetV1's 1x1 convolutions, with their ReLU6, in the three forms `optimize_for_inference` can take.
 
-Why `optimize_for_inference` runs the pointwise layers as `F.linear` on the (N, H, W, C) view: this script times
-both forms on the 13 pointwise shapes of MobileNetV1 1.0 at 224x224, in interleaved rounds, and prints the
-median per layer and the totals.
+On channels-last inputs: oneDNN's convolution through `F.conv2d` (which re-packs the weight on every call), oneDNN's
+convolution on a weight pre-packed for the input's shape with ReLU6 fused (the eager fast path on x86 with oneDNN),
+and `F.linear` on the (N, H, W, C) view (BLAS; the form elsewhere). This script times them on the 13 pointwise
+shapes of MobileNetV1 1.0 at 224x224, in interleaved rounds, and prints the median per layer and the totals.
 
     python benchmarks/pointwise.py              # batch 1, 2 threads
     python benchmarks/pointwise.py --batch 8
@@ -12,10 +13,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mnv1_backbone.inference import _OneDNNPackedWeights  # noqa: E402
 
 # (input channels, output channels, side) of Conv2d_1..13_pointwise at 224x224, alpha 1.0.
 POINTWISE = [
@@ -31,17 +39,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=50)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    totals = {"conv": 0.0, "linear": 0.0}
-    print(f"batch {args.batch}, {args.threads} threads, median of {args.rounds} interleaved rounds")
+    prepacked = _OneDNNPackedWeights.available(torch.device("cpu"), torch.float32)
+    names = ["conv", "linear"] + (["prepacked"] if prepacked else [])
+    totals = dict.fromkeys(names, 0.0)
+    print(
+        f"batch {args.batch}, {args.threads} threads, median of {args.rounds} interleaved rounds; ms, each with ReLU6"
+    )
+    relu6 = nn.ReLU6(inplace=True)
     with torch.inference_mode():
         for cin, cout, side in POINTWISE:
             x = torch.randn(args.batch, cin, side, side).contiguous(memory_format=torch.channels_last)
             conv = torch.nn.Conv2d(cin, cout, 1).eval().to(memory_format=torch.channels_last)
             weight = conv.weight.flatten(1)
             cases = {
-                "conv": lambda x=x, conv=conv: conv(x),
-                "linear": lambda x=x, weight=weight, bias=conv.bias: F.linear(x.permute(0, 2, 3, 1), weight, bias),
+                "conv": lambda x=x, conv=conv: relu6(conv(x)),
+                "linear": lambda x=x, weight=weight, bias=conv.bias: relu6(
+                    F.linear(x.permute(0, 2, 3, 1), weight, bias)
+                ),
             }
+            if prepacked:
+                packed = _OneDNNPackedWeights()
+                cases["prepacked"] = lambda x=x, conv=conv, packed=packed: packed.convolution(x, conv, relu6)
             times: dict[str, list[float]] = {name: [] for name in cases}
             for fn in cases.values():
                 for _ in range(5):
@@ -54,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
             for name, ms in medians.items():
                 totals[name] += ms
-            print(f"  {cin:>4} -> {cout:<4} at {side:>3}x{side:<3}  conv {medians['conv']:7.3f} ms  "
-                  f"linear {medians['linear']:7.3f} ms  ({medians['conv'] / medians['linear']:.2f}x)")
-    print(f"total: conv {totals['conv']:.2f} ms, linear {totals['linear']:.2f} ms "
-          f"({totals['conv'] / totals['linear']:.2f}x)")
+            print(
+                f"  {cin:>4} -> {cout:<4} at {side:>3}x{side:<3}  " + "  ".join(f"{n} {medians[n]:7.3f}" for n in names)
+            )
+    print("total: " + ", ".join(f"{n} {totals[n]:.2f} ms ({totals['conv'] / totals[n]:.2f}x conv)" for n in names))
     return 0
 
 
