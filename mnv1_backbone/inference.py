@@ -10,22 +10,21 @@ backbone that computes the same function (within float32 rounding, tested to 1e-
   the input once, runs every conv with native padding and flipped weights, and flips the spatial
   outputs back: no `F.pad` (an allocation, a fill and a copy of every strided layer's input), at any
   input size. Global pooling does not care; TF-slim's VALID 7x7 pooling runs unflipped;
-* weights and activations use channels-last, which oneDNN's depthwise kernels prefer, and on which a
-  1x1 convolution is a plain matrix product: the pointwise layers (95% of the multiply-adds) can run
-  as `F.linear` on the (N, H, W, C) view, with no copy in or out. Which form is faster depends on the
-  batch (benchmarks/pointwise.py, the 13 layers alone): on 2 AVX2 cores BLAS was 1.23x faster than
-  oneDNN's 1x1 convolution at batch 1 and 1.16x at batch 2 but 0.85x at batch 8; on 2 AVX-512 cores
-  1.26x, 1.20x, 1.03x at batch 1, 2, 4 and 0.84x at 8. So on x86 CPUs the matrix product is taken for
-  batches up to 2 (`_matmul_max_batch`), chosen per call from the input's batch; elsewhere (not
-  measured) it is always taken;
-* on x86 CPUs with oneDNN, every conv (stem, depthwise, pointwise) runs as oneDNN's convolution with
-  its weight pre-packed once for the input's shape and ReLU6 fused into it, the kernel Inductor's weight
-  freezing emits (`_OneDNNPackedWeights`). `F.conv2d` re-packs the weight on every call and the
-  matrix product has ReLU6 as a separate pass: on 2 AVX-512 cores the 13 pointwise layers alone took
-  5.23 ms pre-packed against 6.04 as matrix products at batch 1, the depthwise ones 0.72 against 0.89,
-  and the whole eager model was 1.21x / 1.19x faster at batch 1 and 1.09x / 1.06x at batch 8 in two
-  runs of benchmarks/levers.py. The matrix-product form stays where this path is not taken (other
-  CPUs, inputs that need autograd, tracing);
+* weights and activations use channels-last, which oneDNN's kernels prefer;
+* on x86 CPUs with oneDNN, every conv (stem, depthwise, pointwise) runs as oneDNN's convolution on its
+  weight pre-packed once per input shape, with ReLU6 fused into it: the kernel Inductor's weight freezing
+  emits (`_OneDNNPackedWeights`). `F.conv2d` re-packs the weight on every call, and a matrix product
+  runs ReLU6 as a second pass. benchmarks/pointwise.py, the 13 pointwise layers with their ReLU6 on 2
+  AVX-512 cores: 5.80 ms pre-packed, 6.66 as matrix products, 8.37 through `F.conv2d` at batch 1 (48.5,
+  53.4, 51.1 at batch 8; with oneDNN capped at AVX2, 5.82 against 6.32 and 7.19); the whole eager model
+  was 1.21x / 1.19x faster than with matrix products at batch 1 and 1.09x / 1.07x faster than with
+  `F.conv2d` at batch 8 (two runs of benchmarks/levers.py);
+* elsewhere (other CPUs, inputs that need autograd, tracing) a 1x1 convolution on channels-last is a
+  plain matrix product: the pointwise layers (95% of the multiply-adds) can run as `F.linear` on the
+  (N, H, W, C) view, with no copy in or out. Before pre-packing, BLAS was 1.23x faster than `F.conv2d`
+  at batch 1 and 1.16x at batch 2 but 0.85x at batch 8 on 2 AVX2 cores (1.26x, 1.20x, 1.03x at batch 1,
+  2, 4 and 0.84x at 8 on 2 AVX-512 cores). So on x86 CPUs the matrix product is taken for batches up to
+  2 (`_matmul_max_batch`), chosen per call from the input's batch; on other CPUs (not measured) always;
 * `compile=True` adds `torch.compile` (Inductor) with weight freezing, which pre-packs the weights and
   fuses ReLU6 into oneDNN's convolutions (the convolutions stay convolutions there), and on the CPU
   Inductor's C++ wrapper (no Python between the kernels).
