@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -50,6 +51,15 @@ def median_ms(fn: Callable[[], object], warmup: int, rounds: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
+
+
+def _page_faults(fn: Callable[[], object], calls: int) -> tuple[float, float]:
+    """Minor page faults and system CPU milliseconds per call: memory the allocator gave back and takes again."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(calls):
+        fn()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return (after.ru_minflt - before.ru_minflt) / calls, (after.ru_stime - before.ru_stime) * 1000 / calls
 
 
 def matmul_gflops() -> float:
@@ -233,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = {entry["in"]: _bandwidth(entry["in"]) for entry in plan if entry["kind"] == "depthwise"}
     with torch.inference_mode():
         wall = median_ms(lambda: fast(x), 5, 3 * calls)
+        faults, system_ms = _page_faults(lambda: fast(x), 3 * calls)
     _alone_ms(plan, calls)
     _label(fast, plan)
     prof = profile_torch(fast, x, plan, calls)
@@ -268,14 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     print("  outside the layers (profiled, per call):")
     for name, ms in sorted(prof["_outside"].items(), key=lambda kv: -kv[1])[:8]:
         print(f"    {name:<32} {ms:7.3f}")
-    print(f"  wall time, unprofiled  {wall:7.2f}")
+    print(f"  wall time, unprofiled  {wall:7.2f}  ({faults:.0f} minor page faults, {system_ms:.1f} ms of system time "
+          "per call: the allocator)")
     conv_sum = sum(totals[f"{kind} conv"] for kind in ("stem", "depthwise", "pointwise"))
     print(f"  wall - (conv + relu6)  {wall - conv_sum - totals['relu6']:7.2f}  (layout, flips, pooling, classifier, "
           "Python/dispatch)")
     alone_sum = sum(totals[f"{kind} alone"] for kind in ("stem", "depthwise", "pointwise"))
     print(f"  sum of layers alone    {alone_sum:7.2f}  -> wall - that {wall - alone_sum:6.2f}")
     report = {"batch": args.batch, "gflops": gflops, "wall_ms": wall, "layers": rows, "totals": dict(totals),
-              "outside": prof["_outside"]}
+              "outside": prof["_outside"], "page_faults_per_call": faults, "system_ms_per_call": system_ms}
     if args.onnxruntime:
         fast_nchw = optimize_for_inference(model, x, channels_last=False)
         nodes = profile_onnxruntime(fast_nchw, x, args.threads, calls)
