@@ -149,6 +149,18 @@ def _convolution_pointwise_op():
 _CONVOLUTION_POINTWISE = _convolution_pointwise_op()
 
 
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes the pre-packed path takes: float32, and bfloat16 where oneDNN computes it natively."""
+    try:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16 = False
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
+_ONEDNN_DTYPES = _onednn_dtypes()
+
+
 class _OneDNNPackedWeights:
     """oneDNN's pre-packed copies of one conv's weight, one per input shape, and the fused call that uses them.
 
@@ -184,17 +196,19 @@ class _OneDNNPackedWeights:
             return False
         if not torch.backends.mkldnn.is_available() or _CONVOLUTION_POINTWISE is None:
             return False
-        return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return dtype in _ONEDNN_DTYPES
 
     @staticmethod
     def applies(x: Tensor, weight: Tensor) -> bool:
         """Eager inference calls only: no autograd (the fused op has none), no tracing (exporters and Inductor
-        need the plain conv), a CPU input of the weight's dtype."""
+        need the plain conv), a CPU input of the weight's dtype, one oneDNN takes (not a model cast to float64
+        after it was built)."""
         if torch.compiler.is_compiling() or not isinstance(x, Tensor):
             return False
         return (
             x.is_cpu
             and x.dtype == weight.dtype
+            and x.dtype in _ONEDNN_DTYPES
             and x.dim() == 4
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         )

@@ -177,9 +177,9 @@ def test_prepacked_weights_are_a_cache(monkeypatch) -> None:
 
 
 @ONEDNN
-def test_prepacking_steps_aside_for_autograd_and_tracing() -> None:
-    """The fused op has no autograd and exporters need plain convs: an input that needs gradients, and
-    torch.export, take the conv (the same function)."""
+def test_prepacking_steps_aside_for_autograd_tracing_and_float64() -> None:
+    """The fused op has no autograd, exporters need plain convs and oneDNN has no float64: an input that needs
+    gradients, torch.export and a fast model cast to float64 take the conv (the same function)."""
     backbone = randomize(MobileNetV1Backbone((5,), depth_multiplier=0.25), seed=33).eval()
     fast = optimize_for_inference(backbone)
     x = torch.randn(1, 3, 64, 64, requires_grad=True)
@@ -191,6 +191,12 @@ def test_prepacking_steps_aside_for_autograd_and_tracing() -> None:
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert not any("mkldnn" in target for target in targets), targets
     assert "aten.conv2d.default" in targets, targets
+    plain = _without_prepacking(fast).double()
+    exact = fast.double()
+    with torch.inference_mode():
+        got, expected = exact(x.detach().double()), plain(x.detach().double())
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert all(len(m.packed_weights) == 0 for m in exact.modules() if isinstance(m, FoldedConvActivation))
 
 
 @pytest.mark.parametrize("size", [224, 256, 320])
