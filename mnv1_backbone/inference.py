@@ -166,19 +166,22 @@ class _OneDNNPackedWeights:
 
     oneDNN lays a weight out for the shape it will meet (a copy packed for batch 8 ran a batch-1 input 12x
     slower than one packed for batch 1), so a copy is packed per input shape on first sight and the last
-    `max_shapes` are kept: at most that many copies of the weight in memory. The key also holds the weight's
-    identity and version, so weights changed in place (`load_state_dict`) are packed again (not those of a
-    model copied under `inference_mode`, whose tensors keep no version). A cache, not
-    state: `copy.deepcopy` and pickling give an empty one (oneDNN's opaque tensors cannot be copied).
+    `max_shapes` are kept: at most that many copies of the weight in memory. A copy is used only while the
+    conv's weight and bias are the tensors it was made from, unchanged (same storage, same version): weights
+    loaded with `load_state_dict` or replaced are packed again (changes made through `.data`, or inside
+    `inference_mode` to a model copied there, keep no version and go unseen). A cache, not state:
+    `copy.deepcopy` and pickling give an empty one (oneDNN's opaque tensors cannot be copied).
     """
 
     max_shapes = 4
 
     def __init__(self) -> None:
-        self._by_key: OrderedDict[tuple, Tensor] = OrderedDict()
+        # (input shape, dtype) -> (what the pack was made from, the fused op's arguments after the input, the
+        # activation to run after the op or None).
+        self._by_shape: OrderedDict[tuple, tuple[tuple, tuple, nn.Module | None]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        return len(self._by_shape)
 
     def __deepcopy__(self, memo) -> _OneDNNPackedWeights:
         return type(self)()
@@ -214,20 +217,34 @@ class _OneDNNPackedWeights:
         )
 
     def convolution(self, x: Tensor, conv: nn.Conv2d, activation: nn.Module) -> Tensor:
-        weight = conv.weight
-        # Inference tensors (a model copied under inference_mode) have no version counter: they cannot be changed
-        # in place outside inference_mode, and inside it that goes unseen.
-        version = None if weight.is_inference() else weight._version
-        key = (tuple(x.shape), weight.data_ptr(), version, weight.dtype)
-        call = self._by_key.get(key)
-        if call is None:  # everything but the input, built once per shape: Python costs ~10 us per layer here
-            call = self._pack(x, conv, activation)
-            self._by_key[key] = call
-            while len(self._by_key) > self.max_shapes:
-                self._by_key.popitem(last=False)
-        arguments, after = call
+        key = (tuple(x.shape), x.dtype)
+        source = self._source(conv)
+        entry = self._by_shape.get(key)
+        if entry is None or not self._same_source(entry[0], source):
+            arguments, after = self._pack(x, conv, activation)
+            entry = (source, arguments, after)
+            self._by_shape[key] = entry
+            while len(self._by_shape) > self.max_shapes:
+                self._by_shape.popitem(last=False)
+        _, arguments, after = entry
         y = _CONVOLUTION_POINTWISE(x, *arguments)
         return y if after is None else after(y)
+
+    @staticmethod
+    def _source(conv: nn.Conv2d) -> tuple:
+        """What a pack depends on: the weight and bias objects, their storage and their versions. Holding the
+        objects keeps their addresses from being reused by new tensors while the entry lives."""
+
+        def version(t: Tensor) -> int | None:
+            return None if t.is_inference() else t._version  # inference tensors keep no version
+
+        weight, bias = conv.weight, conv.bias
+        return (weight, weight.data_ptr(), version(weight), bias, bias.data_ptr(), version(bias))
+
+    @staticmethod
+    def _same_source(a: tuple, b: tuple) -> bool:
+        # Tensors by identity (`==` would compare their values elementwise), the rest by value.
+        return all(x is y if isinstance(x, Tensor) else x == y for x, y in zip(a, b, strict=True))
 
     @staticmethod
     def _pack(x: Tensor, conv: nn.Conv2d, activation: nn.Module) -> tuple[tuple, nn.Module | None]:

@@ -165,6 +165,11 @@ def test_prepacked_weights_are_a_cache(monkeypatch) -> None:
         torch.testing.assert_close(changed, plain, atol=1e-5, rtol=1e-5)
         stem.convolution.weight.mul_(2)  # in place: the weight's version changes, the pack follows
         torch.testing.assert_close(fast(x).logits, _without_prepacking(fast)(x).logits, atol=1e-5, rtol=1e-5)
+        state = {key: -value if key.endswith("convolution.weight") else value for key, value in state.items()}
+        fast.load_state_dict(state, assign=True)  # new tensors: packed again
+        replaced = fast(x).logits
+        torch.testing.assert_close(replaced, _without_prepacking(fast)(x).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(replaced, changed, atol=1e-3)
         copied = copy.deepcopy(fast)
         unpickled = pickle.loads(pickle.dumps(fast))
         assert (
