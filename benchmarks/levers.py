@@ -7,6 +7,7 @@ group of one run mean anything on a shared machine.
     python benchmarks/levers.py classifier --batch 1      # eager and compiled variants, bf16, onnxruntime options
     python benchmarks/levers.py classifier --batch 8 --autotune   # adds max_autotune (minutes of compiling)
     python benchmarks/levers.py ssd                       # SSDNetwork: fast backbone, compiled backbone, whole net
+    python benchmarks/levers.py shapes                    # pre-packing when the input shape keeps changing
 
 Cases (classifier): the eager fast path as built (pre-packed oneDNN convolutions with ReLU6 fused, on x86),
 the same without pre-packing with its pointwise layers forced to matrix products and to oneDNN convolutions,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import sys
 import tempfile
 import time
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_peer  # noqa: E402
 from run import time_interleaved  # noqa: E402
 
-from mnv1_backbone import MobileNetV1Config, MobileNetV1ForImageClassification  # noqa: E402
+from mnv1_backbone import MobileNetV1Backbone, MobileNetV1Config, MobileNetV1ForImageClassification  # noqa: E402
 from mnv1_backbone.inference import FoldedConvActivation, optimize_for_inference  # noqa: E402
 
 
@@ -196,9 +198,36 @@ def ssd(args) -> None:
     report(f"SSDLite network 320x320 batch 1, {args.threads} threads", timings, args.rounds)
 
 
+def shapes(args) -> None:
+    """The pre-packed eager backbone when input shapes change: its cache keeps four packs per layer, so five shapes
+    in turn repack every layer on every call (its worst case), against the plain convolutions, which re-pack
+    their weights on every call anyway."""
+    backbone = MobileNetV1Backbone((5, 11, 13)).eval()
+    fast = optimize_for_inference(backbone)
+    plain = optimize_for_inference(backbone)
+    for module in plain.modules():
+        if isinstance(module, FoldedConvActivation):
+            module.packed_weights = None
+    sizes = [(320, 320), (320, 352), (352, 320), (288, 320), (320, 288)]
+    inputs = [torch.rand(args.batch, 3, h, w) for h, w in sizes]
+
+    def in_turn(model: torch.nn.Module) -> Callable[[], object]:
+        calls = itertools.count()
+        return lambda: model(inputs[next(calls) % len(inputs)])
+
+    cases = {
+        "pre-packed, five shapes in turn (repacks every call)": in_turn(fast),
+        "plain convolutions, five shapes in turn": in_turn(plain),
+        "pre-packed, one shape": lambda: fast(inputs[0]),
+        "plain convolutions, one shape": lambda: plain(inputs[0]),
+    }
+    timings = time_interleaved(cases, args.warmup, args.rounds, settle=args.settle)
+    report(f"backbone (5, 11, 13) around 320x320, batch {args.batch}, {args.threads} threads", timings, args.rounds)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("group", choices=["classifier", "ssd"])
+    parser.add_argument("group", choices=["classifier", "ssd", "shapes"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
@@ -212,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 64  # many compiled variants of the same forward in one process
-    {"classifier": classifier, "ssd": ssd}[args.group](args)
+    {"classifier": classifier, "ssd": ssd, "shapes": shapes}[args.group](args)
     return 0
 
 

@@ -165,12 +165,12 @@ class _OneDNNPackedWeights:
     """oneDNN's pre-packed copies of one conv's weight, one per input shape, and the fused call that uses them.
 
     oneDNN lays a weight out for the shape it will meet (a copy packed for batch 8 ran a batch-1 input 12x
-    slower than one packed for batch 1), so a copy is packed per input shape on first sight and the last
-    `max_shapes` are kept: at most that many copies of the weight in memory. A copy is used only while the
-    conv's weight and bias are the tensors it was made from, unchanged (same storage, same version): weights
-    loaded with `load_state_dict` or replaced are packed again (changes made through `.data`, or inside
-    `inference_mode` to a model copied there, keep no version and go unseen). A cache, not state:
-    `copy.deepcopy` and pickling give an empty one (oneDNN's opaque tensors cannot be copied).
+    slower than one packed for batch 1), so a copy is packed per input shape on first sight, and those of the
+    `max_shapes` most recently used shapes are kept: at most that many copies of the weight in memory. A copy
+    is used only while the conv's weight and bias are the tensors it was made from, unchanged (same storage,
+    same version): weights loaded with `load_state_dict` or replaced are packed again (changes made through
+    `.data`, or inside `inference_mode` to a model copied there, keep no version and go unseen). A cache, not
+    state: `copy.deepcopy` and pickling give an empty one (oneDNN's opaque tensors cannot be copied).
     """
 
     max_shapes = 4
@@ -221,11 +221,11 @@ class _OneDNNPackedWeights:
         source = self._source(conv)
         entry = self._by_shape.get(key)
         if entry is None or not self._same_source(entry[0], source):
-            arguments, after = self._pack(x, conv, activation)
-            entry = (source, arguments, after)
+            entry = (source, *self._pack(x, conv, activation))
             self._by_shape[key] = entry
-            while len(self._by_shape) > self.max_shapes:
-                self._by_shape.popitem(last=False)
+        self._by_shape.move_to_end(key)  # the least recently used shape goes first
+        while len(self._by_shape) > self.max_shapes:
+            self._by_shape.popitem(last=False)
         _, arguments, after = entry
         y = _CONVOLUTION_POINTWISE(x, *arguments)
         return y if after is None else after(y)
