@@ -144,7 +144,8 @@ def test_prepacked_onednn_convs_are_the_same_function(
 
 @ONEDNN
 def test_prepacked_weights_are_a_cache(monkeypatch) -> None:
-    """Packed per input shape (at most `max_shapes`), again when the weights change in place, never copied."""
+    """Packed per input shape (those of the `max_shapes` most recently used kept), again when the weights change
+    in place or are replaced, never copied."""
     from mnv1_backbone import inference
 
     monkeypatch.setattr(inference._OneDNNPackedWeights, "max_shapes", 2)
