@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import threading
 from collections import OrderedDict
 
 import torch
@@ -176,6 +177,7 @@ class _OneDNNPackedWeights:
     max_shapes = 4
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         # (input shape, dtype) -> (what the pack was made from, the fused op's arguments after the input, the
         # activation to run after the op or None).
         self._by_shape: OrderedDict[tuple, tuple[tuple, tuple, nn.Module | None]] = OrderedDict()
@@ -219,13 +221,14 @@ class _OneDNNPackedWeights:
     def convolution(self, x: Tensor, conv: nn.Conv2d, activation: nn.Module) -> Tensor:
         key = (tuple(x.shape), x.dtype)
         source = self._source(conv)
-        entry = self._by_shape.get(key)
-        if entry is None or not self._same_source(entry[0], source):
-            entry = (source, *self._pack(x, conv, activation))
-            self._by_shape[key] = entry
-        self._by_shape.move_to_end(key)  # the least recently used shape goes first
-        while len(self._by_shape) > self.max_shapes:
-            self._by_shape.popitem(last=False)
+        with self._lock:  # one model served from several threads: the bookkeeping is not atomic
+            entry = self._by_shape.get(key)
+            if entry is None or not self._same_source(entry[0], source):
+                entry = (source, *self._pack(x, conv, activation))
+                self._by_shape[key] = entry
+            self._by_shape.move_to_end(key)  # the least recently used shape goes first
+            while len(self._by_shape) > self.max_shapes:
+                self._by_shape.popitem(last=False)
         _, arguments, after = entry
         y = _CONVOLUTION_POINTWISE(x, *arguments)
         return y if after is None else after(y)

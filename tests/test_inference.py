@@ -183,6 +183,29 @@ def test_prepacked_weights_are_a_cache(monkeypatch) -> None:
 
 
 @ONEDNN
+def test_prepacked_model_serves_several_threads(monkeypatch) -> None:
+    """Threads calling one fast model with more shapes than the cache keeps get the plain convolutions' outputs.
+
+    A smoke test: the race the cache's lock closes (an entry evicted by one thread between another's insert and
+    its move to the end) is too narrow to hit on demand."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mnv1_backbone import inference
+
+    monkeypatch.setattr(inference._OneDNNPackedWeights, "max_shapes", 2)
+    backbone = randomize(MobileNetV1Backbone((3,), depth_multiplier=0.25), seed=34).eval()
+    fast = optimize_for_inference(backbone)
+    plain = _without_prepacking(fast)
+    inputs = [torch.randn(1, 3, 32 + 8 * (i % 5), 40) for i in range(40)]
+    with torch.inference_mode():
+        expected = [plain(x)["Conv2d_3_pointwise"] for x in inputs]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda x: fast(x)["Conv2d_3_pointwise"], inputs))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@ONEDNN
 def test_prepacking_steps_aside_for_autograd_tracing_and_float64() -> None:
     """The fused op has no autograd, exporters need plain convs and oneDNN has no float64: an input that needs
     gradients, torch.export and a fast model cast to float64 take the conv (the same function)."""
