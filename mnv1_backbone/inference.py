@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import platform
 import threading
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -123,9 +124,19 @@ class FoldedConvActivation(nn.Module):
         if packed is not None:
             conv = self.convolution
             if packed.applies(x, conv.weight):
-                if self.pad_at_runtime:
-                    x = tf_pad(x, self.kernel_size, self.stride, self.dilation)
-                return packed.convolution(x, conv, self.activation)
+                padded = tf_pad(x, self.kernel_size, self.stride, self.dilation) if self.pad_at_runtime else x
+                try:
+                    return packed.convolution(padded, conv, self.activation)
+                except (RuntimeError, TypeError) as error:
+                    # The fused op is private to torch (Inductor's): if a torch release changes it, this layer
+                    # takes the plain path from now on rather than failing every call.
+                    self.packed_weights = None
+                    warnings.warn(
+                        f"oneDNN's pre-packed convolution failed ({type(error).__name__}: {error}); the fast path "
+                        "uses plain convolutions instead",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
         if (
             self.pointwise_as_matmul
             and (self.matmul_max_batch is None or x.shape[0] <= self.matmul_max_batch)

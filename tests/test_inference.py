@@ -183,6 +183,28 @@ def test_prepacked_weights_are_a_cache(monkeypatch) -> None:
 
 
 @ONEDNN
+def test_prepacking_falls_back_when_the_private_op_fails(monkeypatch) -> None:
+    """`mkldnn::_convolution_pointwise` is private to torch: should a release change it, each layer warns and takes
+    the plain convolution from then on, with the same outputs."""
+    from mnv1_backbone import inference
+
+    backbone = randomize(MobileNetV1Backbone((3,), depth_multiplier=0.25), seed=35).eval()
+    fast = optimize_for_inference(backbone)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = _without_prepacking(fast)(x)["Conv2d_3_pointwise"]
+
+    def changed_signature(*args):
+        raise TypeError("_convolution_pointwise() takes 9 positional arguments but 10 were given")
+
+    monkeypatch.setattr(inference, "_CONVOLUTION_POINTWISE", changed_signature)
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="pre-packed convolution failed.*TypeError"):
+        got = fast(x)["Conv2d_3_pointwise"]
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert all(m.packed_weights is None for m in fast.modules() if isinstance(m, FoldedConvActivation))
+
+
+@ONEDNN
 def test_prepacked_model_serves_several_threads(monkeypatch) -> None:
     """Threads calling one fast model with more shapes than the cache keeps get the plain convolutions' outputs.
 
