@@ -20,7 +20,8 @@ from ._common import CLIError, read_image
 
 __all__ = ["add_model_options", "is_odapi_model", "load_odapi", "run_convert", "run_detect"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """The options that decide how an OD-API model is read (`detect --weights` and `convert`)."""
     parser.add_argument("--legacy-anchor-order", action="store_true",
