@@ -330,23 +330,23 @@ def int8_needs_reduce_range(backend: str = "x86") -> bool:
     return not _cpu_has_avx512_vnni() or forced in ("AVX2", "AVX512", "AVX512_256")
 
 
-def _per_channel_statistics(model: nn.Module, batches: list[Tensor]) -> dict[nn.Module, tuple[Tensor, Tensor]]:
-    """For each folded layer: the mean of each input channel and the maximum of each output channel."""
+def _input_channel_means(model: nn.Module, batches: list[Tensor]) -> dict[nn.Module, Tensor]:
+    """For each folded layer: the mean of each of its input channels over `batches`."""
     sums: dict[nn.Module, list] = {}
     handles = []
 
-    def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        mean = inputs[0].detach().double().mean((0, 2, 3)) * inputs[0].shape[0]
-        peak = output.detach().amax((0, 2, 3))
+    def record(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        count = inputs[0].shape[0]
+        total = inputs[0].detach().double().mean((0, 2, 3)) * count
         if module in sums:
-            entry = sums[module]
-            entry[0], entry[1], entry[2] = entry[0] + mean, torch.maximum(entry[1], peak), entry[2] + inputs[0].shape[0]
+            sums[module][0] += total
+            sums[module][1] += count
         else:
-            sums[module] = [mean, peak, inputs[0].shape[0]]
+            sums[module] = [total, count]
 
     for module in model.modules():
         if isinstance(module, FoldedConvActivation):
-            handles.append(module.register_forward_hook(record))
+            handles.append(module.register_forward_pre_hook(record))
     try:
         with torch.no_grad():
             for batch in batches:
@@ -354,7 +354,7 @@ def _per_channel_statistics(model: nn.Module, batches: list[Tensor]) -> dict[nn.
     finally:
         for handle in handles:
             handle.remove()
-    return {module: ((total / count).float(), peak) for module, (total, peak, count) in sums.items()}
+    return {module: (total / count).float() for module, (total, count) in sums.items()}
 
 
 def _correct_biases(model: nn.Module, batches: list[Tensor], skip: set[nn.Module]) -> int:
@@ -365,10 +365,10 @@ def _correct_biases(model: nn.Module, batches: list[Tensor], skip: set[nn.Module
     the most. The rounding is the one the int8 conversion does (per-channel symmetric, `_weight_range` bits); the means
     come from the calibration data (Nagel et al. 2019, empirical bias correction). Returns the layers corrected.
     """
-    statistics = _per_channel_statistics(model, batches)
+    means = _input_channel_means(model, batches)
     corrected = 0
     with torch.no_grad():
-        for module, (input_mean, _) in statistics.items():
+        for module, input_mean in means.items():
             if module in skip:
                 continue
             conv = module.convolution
