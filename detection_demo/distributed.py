@@ -27,12 +27,12 @@ __all__ = [
     "CollectiveError",
     "DistributedContext",
     "all_reduce_sum",
-    "resolve_device",
     "barrier",
     "broadcast_from_main",
     "distributed_context",
     "env_rank",
     "gather_to_main",
+    "resolve_device",
 ]
 
 logger = logging.getLogger(__name__)
