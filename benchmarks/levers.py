@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnx_peer  # noqa: E402
-from run import time_interleaved  # noqa: E402
+from run import compiled_network, time_interleaved  # noqa: E402
 
 from mnv1_backbone import MobileNetV1Backbone, MobileNetV1Config, MobileNetV1ForImageClassification  # noqa: E402
 from mnv1_backbone.inference import FoldedConvActivation, optimize_for_inference  # noqa: E402
@@ -161,8 +161,7 @@ def ssd(args) -> None:
     def with_backbone(**options) -> torch.nn.Module:
         copy = ssdlite320_mobilenet_v1(num_classes=91).eval()
         copy.load_state_dict(detector.state_dict())
-        if options is not None:
-            copy.backbone.backbone = optimize_for_inference(copy.backbone.backbone, x, **options)
+        copy.backbone.backbone = optimize_for_inference(copy.backbone.backbone, x, **options)
         return SSDNetwork(copy).eval()
 
     fast = with_backbone()
@@ -171,22 +170,9 @@ def ssd(args) -> None:
     cases["SSDNetwork eager"] = lambda: eager(x)
     compiled_backbone = with_backbone(compile=True)
     cases["SSDNetwork, compiled fast-path backbone"] = lambda: compiled_backbone(x)
-    for name, options in (("whole SSDNetwork compiled (freezing), eager model inside", None),
-                          ("whole SSDNetwork compiled (freezing), fast-path backbone inside", {})):
-        network = SSDNetwork(detector).eval() if options is None else with_backbone(**options)
-        compiled = torch.compile(network)
-        with torch.inference_mode(), inductor(freezing=True), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            start = time.perf_counter()
-            expected, got = network(x), compiled(x)
-            print(f"  {name}: compiled in {time.perf_counter() - start:.0f} s, max |difference| "
-                  f"{max(float((a - b).abs().max()) for a, b in zip(got, expected, strict=True)):.1e}", flush=True)
-
-        def run(compiled=compiled) -> object:
-            with inductor(freezing=True):
-                return compiled(x)
-
-        cases[name] = run
+    # run.py's recipe: compiled here with freezing and checked against the network.
+    cases["whole SSDNetwork compiled (freezing), eager model inside"] = compiled_network(SSDNetwork(detector).eval(), x)
+    cases["whole SSDNetwork compiled (freezing), fast-path backbone inside"] = compiled_network(with_backbone(), x)
     if onnx_peer.available() is None:
         with tempfile.TemporaryDirectory() as tmp:
             nchw = with_backbone(channels_last=False)
