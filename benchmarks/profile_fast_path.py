@@ -26,7 +26,6 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -38,19 +37,15 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from run import matmul_gflops, time_interleaved  # noqa: E402  (beside this file)
+
 from mnv1_backbone import MobileNetV1Config, MobileNetV1ForImageClassification  # noqa: E402
 from mnv1_backbone.inference import FoldedConvActivation, optimize_for_inference  # noqa: E402
 
 
 def median_ms(fn: Callable[[], object], warmup: int, rounds: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    """run.py's timing of a single case (no untimed settling call: nothing else runs in between)."""
+    return time_interleaved({"case": fn}, warmup, rounds, settle=0)["case"]
 
 
 def _page_faults(fn: Callable[[], object], calls: int) -> tuple[float, float]:
@@ -60,14 +55,6 @@ def _page_faults(fn: Callable[[], object], calls: int) -> tuple[float, float]:
         fn()
     after = resource.getrusage(resource.RUSAGE_SELF)
     return (after.ru_minflt - before.ru_minflt) / calls, (after.ru_stime - before.ru_stime) * 1000 / calls
-
-
-def matmul_gflops() -> float:
-    best = 0.0
-    for n in (1024, 2048, 3072):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        best = max(best, 2 * n**3 / median_ms(lambda a=a, b=b: a @ b, 2, 5) * 1000 / 1e9)
-    return best
 
 
 class _Labelled(nn.Module):
@@ -239,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.rand(args.batch, 3, 224, 224) * 2 - 1
     fast = optimize_for_inference(model, x)
     plan = _layer_plan(fast, x)
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(rounds=10)
     bandwidth = {entry["in"]: _bandwidth(entry["in"]) for entry in plan if entry["kind"] == "depthwise"}
     with torch.inference_mode():
         wall = median_ms(lambda: fast(x), 5, 3 * calls)
