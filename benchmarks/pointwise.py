@@ -12,9 +12,7 @@ shapes of MobileNetV1 1.0 at 224x224, in interleaved rounds, and prints the medi
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +20,9 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import time_interleaved  # noqa: E402  (beside this file)
 
 from mnv1_backbone.inference import _OneDNNPackedWeights  # noqa: E402
 
@@ -60,16 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             if prepacked:
                 packed = _OneDNNPackedWeights()
                 cases["prepacked"] = lambda x=x, conv=conv, packed=packed: packed.convolution(x, conv, relu6)
-            times: dict[str, list[float]] = {name: [] for name in cases}
-            for fn in cases.values():
-                for _ in range(5):
-                    fn()
-            for _ in range(args.rounds):
-                for name, fn in cases.items():
-                    start = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - start)
-            medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
+            medians = time_interleaved(cases, 5, args.rounds, settle=0)
             for name, ms in medians.items():
                 totals[name] += ms
             print(
