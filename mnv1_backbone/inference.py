@@ -151,6 +151,11 @@ class FoldedConvActivation(nn.Module):
         return self.activation(self.convolution(x))
 
 
+def _is_x86_cpu(device: torch.device) -> bool:
+    """The CPUs the fast path's kernel choices were measured on (one AVX2 and one AVX-512 AMD EPYC)."""
+    return device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
 def _convolution_pointwise_op():
     try:
         return torch.ops.mkldnn._convolution_pointwise.default
@@ -208,7 +213,7 @@ class _OneDNNPackedWeights:
     @staticmethod
     def available(device: torch.device, dtype: torch.dtype) -> bool:
         """Measured on x86 only (AVX-512 and, oneDNN capped to AVX2, its AVX2 kernels); bf16 where oneDNN has it."""
-        if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        if not _is_x86_cpu(device):
             return False
         if not torch.backends.mkldnn.is_available() or _CONVOLUTION_POINTWISE is None:
             return False
@@ -381,7 +386,7 @@ def _matmul_max_batch(device: torch.device) -> int | None:
     1x1 convolution by 1.16-1.26x; at batch 8 it lost (0.84x). Other devices and architectures keep the
     matrix product at every batch, as before this was measured.
     """
-    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+    if not _is_x86_cpu(device):
         return None
     return 2
 
